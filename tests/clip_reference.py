@@ -1,0 +1,33 @@
+"""Shared helpers for tests that compare against transformers' PyTorch CLIP."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model_and_params(preset: str, seed: int = 0):
+    """A random transformers CLIPModel and the same weights converted to our tree."""
+    import torch
+    from transformers import CLIPModel
+
+    from fiseclip_jax.clip.config import get_config
+    from fiseclip_jax.clip.params import from_hf_state_dict
+
+    cfg = get_config(preset)
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg.to_hf_config()).eval()
+    # HF initialises LayerNorms to identity and biases to zero: randomise them so that
+    # a swapped scale/bias or a missing bias cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    params = jax.tree.map(jnp.asarray, from_hf_state_dict(model.state_dict(), cfg))
+    return model, params, cfg
+
+
+def random_pixels(batch, size, seed=0):
+    return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)

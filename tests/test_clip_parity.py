@@ -1,0 +1,71 @@
+"""Stage-by-stage parity of our JAX CLIP with transformers' PyTorch CLIP (random weights)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from clip_reference import hf_model_and_params, random_pixels  # noqa: E402
+
+from fiseclip_jax import encode_image, encode_text  # noqa: E402
+
+TOL = 1e-5
+
+
+def torch_vision(model, pixels):
+    with torch.no_grad():
+        out = model.vision_model(
+            pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+            output_hidden_states=True, interpolate_pos_encoding=True,
+        )
+        return out, model.visual_projection(out.pooler_output).numpy()
+
+
+CASES = [("tiny", 32, (1, 2, 4)), ("tiny", 56, (1, 3)), ("tiny-gelu", 40, (2, 4)),
+         ("ViT-B/16", 224, (3, 6, 12)), ("ViT-B/16", 288, (6, 12))]
+
+
+@pytest.mark.parametrize("preset,size,layers", CASES)
+def test_image_tower(preset, size, layers):
+    model, params, cfg = hf_model_and_params(preset)
+    pixels = random_pixels(2, size)
+    ref, ref_embeds = torch_vision(model, pixels)
+    out = encode_image(params, cfg, pixels, layers=layers)
+    # hidden_states[l] is the residual stream after block l (1-indexed), as ours
+    for layer in layers:
+        err = np.abs(np.asarray(out["block_tokens"][layer]) - ref.hidden_states[layer].numpy()).max()
+        assert err <= TOL, (preset, size, layer, err)
+    assert np.abs(np.asarray(out["image_embeds"]) - ref_embeds).max() <= TOL
+    # patch_embeds: ln_post + proj on the final patch tokens
+    with torch.no_grad():
+        last = ref.last_hidden_state[:, 1:]
+        ref_patch = model.visual_projection(model.vision_model.post_layernorm(last)).numpy()
+    assert np.abs(np.asarray(out["patch_embeds"]) - ref_patch).max() <= TOL
+    assert out["patch_embeds"].shape == (2, (size // cfg.vision.patch_size) ** 2, cfg.embed_dim)
+
+
+def token_batch(n=6, seed=0):
+    rng = np.random.RandomState(seed)
+    ids = np.zeros((n, 77), np.int32)
+    for i in range(n):
+        length = rng.randint(1, 75)
+        ids[i, 0] = 49406
+        ids[i, 1:length + 1] = rng.randint(1, 49406, size=length)
+        ids[i, length + 1] = 49407
+    return ids
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gelu", "ViT-B/16"])
+def test_text_tower(preset):
+    model, params, cfg = hf_model_and_params(preset)
+    ids = token_batch()
+    with torch.no_grad():
+        t = model.text_model(input_ids=torch.from_numpy(ids).long())
+        ref = model.text_projection(t.pooler_output).numpy()
+    err = np.abs(np.asarray(encode_text(params, cfg, ids)) - ref).max()
+    assert err <= TOL, err
+
+
+def test_logit_scale():
+    model, params, _ = hf_model_and_params("tiny")
+    assert float(params["logit_scale"]) == pytest.approx(float(model.logit_scale.detach()), abs=0)
