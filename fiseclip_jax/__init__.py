@@ -1,0 +1,27 @@
+"""fiseclip_jax: zero-shot industrial anomaly detection with CLIP, in pure JAX.
+
+Everything is a pure function over parameter pytrees with frozen, hashable configs,
+so callers can wrap it in their own `jit`, `vmap` and sharding.
+"""
+
+from .clip.checkpoint import load_clip, resolve_weights, save_clip
+from .clip.config import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config
+from .clip.convert import convert_clip
+from .clip.modeling import encode_image, encode_text, init_clip
+from .clip.preprocess import preprocess
+from .clip.tokenizer import tokenize
+from .detect import CategoryResult, detect, detect_category, encode_features, score_features
+from .methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig
+from .methods.scoring import Detection
+from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFeatures, text_features, \
+    text_features_full
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANOCLIP_OBJECT", "ANOCLIP_TEXTURE", "AnoCLIPConfig", "CLIPConfig", "CategoryResult", "Detection",
+    "FiSeCLIPConfig", "MuScConfig", "PRESETS", "PromptSet", "TextConfig", "TextFeatures", "VisionConfig",
+    "WINCLIP", "convert_clip", "detect", "detect_category", "encode_features", "encode_image", "encode_text",
+    "get_config", "init_clip", "load_clip", "preprocess", "resolve_weights", "save_clip", "score_features",
+    "text_features", "text_features_full", "tokenize",
+]

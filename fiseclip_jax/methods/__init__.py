@@ -1,0 +1,1 @@
+"""The methods of SPEC §4: configs and per-batch scoring."""

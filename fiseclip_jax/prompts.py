@@ -1,0 +1,155 @@
+"""Prompt sets and text features (SPEC §3).
+
+A `PromptSet` is plain data: print it, edit it with `dataclasses.replace`, pass it
+back. `text_features` gives the [2, D] (normal, abnormal) class embeddings: the
+L2-normalised mean of the *unnormalised* sentence embeddings of each side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from .clip.config import CLIPConfig
+from .clip.modeling import encode_text
+from .clip.tokenizer import tokenize
+
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Sentences are `template.format(state.format(class_name))` for every pair."""
+
+    name: str
+    normal_states: tuple[str, ...]
+    abnormal_states: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
+        def side(states):
+            return [t.format(s.format(class_name)) for s in states for t in self.templates]
+
+        return side(self.normal_states), side(self.abnormal_states)
+
+
+# WinCLIP's compositional ensemble: 7 normal and 5 abnormal states x 22 templates.
+_WINCLIP_TEMPLATES = (
+    "a cropped photo of the {}.", "a cropped photo of a {}.",
+    "a close-up photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a bright photo of the {}.",
+    "a dark photo of the {}.", "a dark photo of a {}.",
+    "a jpeg corrupted photo of a {}.", "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.", "a blurry photo of a {}.",
+    "a photo of a {}.", "a photo of the {}.",
+    "a photo of a small {}.", "a photo of the small {}.",
+    "a photo of a large {}.", "a photo of the large {}.",
+    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
+)
+
+WINCLIP = PromptSet(
+    name="winclip",
+    normal_states=("{}", "flawless {}", "perfect {}", "unblemished {}",
+                   "{} without flaw", "{} without defect", "{} without damage"),
+    abnormal_states=("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"),
+    templates=_WINCLIP_TEMPLATES,
+)
+
+# AnoCLIP's domain-aware contrastive states: 7 pairs, 22 patterns x 3 domain phrases.
+_ANOCLIP_PAIRS = (("{}", "damaged {}"), ("flawless {}", "abnormal {}"), ("perfect {}", "imperfect {}"),
+                  ("unblemished {}", "blemished {}"), ("{} without flaw", "{} with flaw"),
+                  ("{} without defect", "{} with defect"), ("{} without damage", "{} with damage"))
+OBJECT_DOMAINS = ("industrial photo", "industrial image", "manufacturing image")
+TEXTURE_DOMAINS = ("industrial photo", "textural photo", "surface picture")
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _anoclip_templates(domains) -> tuple[str, ...]:
+    out = []
+    for x in domains:
+        an = f"{_article(x)} {x}"
+        for adj in ("cropped", "close-up", "bright", "dark", "jpeg corrupted", "blurry"):
+            out += [f"a {adj} {x} of the {{}}.", f"a {adj} {x} of a {{}}."]
+        out += [f"{an} of a {{}}.", f"{an} of the {{}}.",
+                f"{an} of a small {{}}.", f"{an} of the small {{}}.",
+                f"{an} of a large {{}}.", f"{an} of the large {{}}.",
+                f"{an} of the {{}} for visual inspection.", f"{an} of a {{}} for visual inspection.",
+                f"{an} of the {{}} for anomaly detection.", f"{an} of a {{}} for anomaly detection."]
+    return tuple(out)
+
+
+ANOCLIP_OBJECT = PromptSet("anoclip-object", tuple(p[0] for p in _ANOCLIP_PAIRS),
+                           tuple(p[1] for p in _ANOCLIP_PAIRS), _anoclip_templates(OBJECT_DOMAINS))
+ANOCLIP_TEXTURE = PromptSet("anoclip-texture", tuple(p[0] for p in _ANOCLIP_PAIRS),
+                            tuple(p[1] for p in _ANOCLIP_PAIRS), _anoclip_templates(TEXTURE_DOMAINS))
+
+
+def clean_class_name(name: str) -> str:
+    """Category folder names to words: 'metal_nut' -> 'metal nut'."""
+    return name.replace("_", " ").strip()
+
+
+def get_prompt_set(prompts: "str | PromptSet", class_name: str) -> PromptSet:
+    """Resolve 'winclip' | 'anoclip' (texture phrases for MVTec textures) | a PromptSet."""
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if prompts == "winclip":
+        return WINCLIP
+    if prompts == "anoclip":
+        return ANOCLIP_TEXTURE if clean_class_name(class_name) in MVTEC_TEXTURES else ANOCLIP_OBJECT
+    raise ValueError(f"unknown prompt set {prompts!r}; use 'winclip', 'anoclip' or a PromptSet")
+
+
+class TextFeatures(NamedTuple):
+    """features [2, D] (normal, abnormal; L2-normalised); sentences: per side [M_side, D], normalised."""
+
+    features: jnp.ndarray
+    normal_sentences: jnp.ndarray
+    abnormal_sentences: jnp.ndarray
+
+
+_CACHE: dict = {}
+
+
+def _weights_fingerprint(params) -> str:
+    h = hashlib.sha1()
+    for leaf in (params["text"]["proj"], params["text"]["ln_final"]["scale"], params["text"]["pos_embed"]):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def _embed_sentences(params, cfg: CLIPConfig, sentences: list[str], chunk: int = 128) -> np.ndarray:
+    ids = tokenize(sentences, cfg.text.context_length)
+    pad = (-len(ids)) % chunk  # one compiled shape for every chunk
+    ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)]) if pad else ids
+    out = [np.asarray(encode_text(params, cfg, ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
+    return np.concatenate(out)[: len(sentences)]
+
+
+def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip") -> TextFeatures:
+    """Class features and per-sentence features, cached per (weights, class name, prompt set)."""
+    class_name = clean_class_name(class_name)
+    pset = get_prompt_set(prompts, class_name)
+    key = (_weights_fingerprint(params), cfg, class_name, pset)
+    if key not in _CACHE:
+        normal, abnormal = pset.sentences(class_name)
+        emb = _embed_sentences(params, cfg, normal + abnormal)
+        sides = (emb[: len(normal)], emb[len(normal):])
+        feats = np.stack([s.mean(0) for s in sides])
+        feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+        normed = [s / np.linalg.norm(s, axis=-1, keepdims=True) for s in sides]
+        _CACHE[key] = TextFeatures(jnp.asarray(feats), jnp.asarray(normed[0]), jnp.asarray(normed[1]))
+    return _CACHE[key]
+
+
+def text_features(params, cfg: CLIPConfig, class_name: str, prompts="winclip"):
+    """[2, D] normal/abnormal text features for a class (SPEC §3)."""
+    return text_features_full(params, cfg, class_name, prompts).features

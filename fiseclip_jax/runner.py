@@ -1,0 +1,82 @@
+"""`run_detect`: a folder of images in, scores.csv + overlays + run.json out (the `detect` command)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .data import list_folder, load_image
+from .detect import detect_category
+from .overlay import side_by_side
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fiseclip-jax", "jax", "jaxlib", "flax", "optax", "numpy", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def config_record(config) -> dict:
+    """A JSON-able description of a method config (nested configs included)."""
+    d = dataclasses.asdict(config)
+    d["method"] = config.name if not getattr(config, "tta", None) else "anoclip+"
+    return d
+
+
+def overlay_name(rel: str) -> str:
+    return rel.replace(os.sep, "__").rsplit(".", 1)[0] + ".png"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, encode_batch=8,
+               progress=True, random_weights=False, weights="", seed=0) -> Path:
+    folder, out = Path(folder), Path(out)
+    category = list_folder(folder)
+    class_name = class_name or folder.resolve().name
+    size = size or cfg.vision.image_size
+    if size % cfg.vision.patch_size:
+        raise ValueError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
+    paths = [Path(s.path) for s in category.samples]
+    images = [load_image(p) for p in paths]  # errors name the file
+    result = detect_category(params, cfg, images, class_name, config, size=size, encode_batch=encode_batch,
+                             progress=progress)
+
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    rels = [str(p.relative_to(folder)) for p in paths]
+    lines = [["file", "score", "label"]] + [
+        [rel, f"{score:.6f}", "" if s.label is None else s.label]
+        for rel, score, s in zip(rels, result.image_scores, category.samples)]
+    tmp = out / "scores.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(lines)
+    os.replace(tmp, out / "scores.csv")
+    vmin, vmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())
+    for rel, image, amap, score in zip(rels, images, result.anomaly_maps, result.image_scores):
+        side_by_side(image, amap, vmin=vmin, vmax=vmax).save(out / "overlays" / overlay_name(rel))
+    record = {
+        "command": "detect", "folder": str(folder), "class_name": class_name, "size": size,
+        "weights": weights, "random_weights": random_weights, "clip": cfg.to_dict(), "seed": seed,
+        "config": config_record(config), "versions": library_versions(), "num_images": len(paths),
+        "overlay_scale": [vmin, vmax],
+    }
+    if random_weights:
+        record["warning"] = "random weights: scores and maps are meaningless"
+    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str))
+    return out

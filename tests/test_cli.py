@@ -1,0 +1,63 @@
+"""The `fiseclip-jax` command end to end, with random tiny weights."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fiseclip_jax.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "bottle"
+
+
+def read_scores(out):
+    with open(out / "scores.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_detect_examples(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["detect", str(EXAMPLES), "--method", "fiseclip", "--weights", "random:tiny", "--size", "32",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "RANDOM WEIGHTS" in err and "MEANINGLESS" in err
+    rows = read_scores(out)
+    assert len(rows) == 10 and {r["label"] for r in rows} == {"0", "1"}
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+    assert len(list((out / "overlays").glob("*.png"))) == 10
+    run = json.loads((out / "run.json").read_text())
+    assert run["random_weights"] is True and run["class_name"] == "bottle"
+    assert run["config"]["method"] == "fiseclip" and run["size"] == 32
+
+
+@pytest.mark.parametrize("method", ["musc", "anoclip"])
+def test_detect_mvtec_bottle(mvtec_root, tmp_path, method):
+    """Every test image of the real bottle category (83) through the CLI, random weights."""
+    out = tmp_path / method
+    rc = main(["detect", str(mvtec_root / "bottle" / "test"), "--class-name", "bottle", "--method", method,
+               "--weights", "random:tiny", "--size", "32", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = read_scores(out)
+    assert len(rows) == 83
+    assert sum(r["label"] == "0" for r in rows) == 20
+    assert len(list((out / "overlays").glob("*.png"))) == 83
+    with Image.open(next((out / "overlays").glob("good__*.png"))) as im:
+        assert im.size == (64, 32)  # image | overlay at 32 px
+
+
+def test_detect_errors_are_one_readable_line(tmp_path, capsys):
+    assert main(["detect", str(tmp_path / "nope"), "--weights", "random:tiny", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert main(["detect", str(bad), "--weights", "random:tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["detect", str(EXAMPLES), "--weights", "random:tiny", "--size", "33",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "divisible" in capsys.readouterr().err

@@ -1,0 +1,44 @@
+"""Prompt sets and text features (SPEC §3)."""
+
+import jax
+import numpy as np
+
+from fiseclip_jax import get_config, init_clip, text_features, tokenize
+from fiseclip_jax.clip.modeling import encode_text
+from fiseclip_jax.prompts import (ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, _CACHE, clean_class_name,
+                                  get_prompt_set, text_features_full)
+
+
+def test_prompt_counts_and_texts():
+    n, a = WINCLIP.sentences("bottle")
+    assert (len(n), len(a)) == (7 * 22, 5 * 22)
+    assert "a photo of a flawless bottle for visual inspection." in n
+    assert "a close-up photo of the bottle with damage." in a
+    n, a = ANOCLIP_OBJECT.sentences("metal nut")
+    assert len(n) == len(a) == 462  # 66 templates x 7 states
+    assert "an industrial photo of a metal nut without defect." in n
+    assert "a manufacturing image of the imperfect metal nut for anomaly detection." in a
+    assert get_prompt_set("anoclip", "wood") is ANOCLIP_TEXTURE
+    assert get_prompt_set("anoclip", "metal_nut") is ANOCLIP_OBJECT
+    assert any("textural photo" in t for t in ANOCLIP_TEXTURE.templates)
+    assert clean_class_name("metal_nut") == "metal nut"
+
+
+def test_text_features_is_normalised_mean_of_unnormalised_embeddings():
+    cfg = get_config("tiny")
+    params = init_clip(cfg, jax.random.key(0))
+    pset = PromptSet("mine", ("{}", "good {}"), ("bad {}",), ("a photo of a {}.", "the {}."))
+    feats = np.asarray(text_features(params, cfg, "bottle", pset))
+    normal = ["a photo of a bottle.", "the bottle.", "a photo of a good bottle.", "the good bottle."]
+    abnormal = ["a photo of a bad bottle.", "the bad bottle."]
+    want = []
+    for side in (normal, abnormal):
+        e = np.asarray(encode_text(params, cfg, tokenize(side))).mean(0)
+        want.append(e / np.linalg.norm(e))
+    np.testing.assert_allclose(feats, np.stack(want), atol=1e-5)
+    # cached per (weights, class, prompt set)
+    n_cached = len(_CACHE)
+    text_features_full(params, cfg, "bottle", pset)
+    assert len(_CACHE) == n_cached
+    text_features_full(params, cfg, "cable", pset)
+    assert len(_CACHE) == n_cached + 1
