@@ -142,8 +142,12 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     n = len(images)
     if n == 0:
         raise ValueError(f"no images for category {class_name!r}")
-    text = _as_text(text) if text is not None else text_features_full(params, cfg, class_name, config.prompts) \
-        if hasattr(config, "prompts") else _as_text(jnp.zeros((2, cfg.embed_dim)))
+    if text is not None:
+        text = _as_text(text)
+    elif hasattr(config, "prompts"):
+        text = text_features_full(params, cfg, class_name, config.prompts)
+    else:  # MuSc uses no text
+        text = _as_text(jnp.zeros((2, cfg.embed_dim)))
     whole = isinstance(config, MuScConfig) or (isinstance(config, FiSeCLIPConfig)
                                                and (config.batch_size == 0 or config.batch_size >= n))
     group = encode_batch if (whole or isinstance(config, AnoCLIPConfig)) else config.batch_size

@@ -91,7 +91,14 @@ def np_fiseclip(tokens, local, cls, text, size, c):
         keep = max(1, int(round((1 - c.rho) * a_txt.shape[1])))
         allowed = np.argsort(np.argsort(a_txt, axis=1, kind="stable"), axis=1) < keep
     a_match, refs = np_matching(tokens, allowed, c.r_list, c.alpha)
-    norm = np_minmax(a_match) if c.fusion_norm == "minmax" else a_match / c.match_scale
+    if c.fusion_norm == "minmax":  # over the images that had at least one reference
+        has = refs > 0
+        norm = np.zeros_like(a_match)
+        if has.any():
+            lo, hi = a_match[has].min(), a_match[has].max()
+            norm[has] = 0.0 if hi == lo else (a_match[has] - lo) / (hi - lo)
+    else:
+        norm = a_match / c.match_scale
     fused = c.fusion_weight * norm + (1 - c.fusion_weight) * a_txt
     fused = np.where(refs[:, None] > 0, fused, a_txt)
     maps = np.stack([ndimage.gaussian_filter(m, c.sigma) for m in to_maps(fused, size)])

@@ -61,3 +61,31 @@ def test_detect_errors_are_one_readable_line(tmp_path, capsys):
     assert main(["detect", str(EXAMPLES), "--weights", "random:tiny", "--size", "33",
                  "--out", str(tmp_path / "o")]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_convert_then_detect_with_converted_weights(tmp_path, capsys):
+    """convert a Hugging Face directory, load it back bit-exact, and run detect with it."""
+    torch = pytest.importorskip("torch")
+    import jax
+    from transformers import CLIPModel
+
+    from fiseclip_jax import get_config, load_clip
+    from fiseclip_jax.clip.params import from_hf_state_dict
+
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = CLIPModel(cfg.to_hf_config())
+    model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert "act=quick_gelu" in capsys.readouterr().out
+    params, got = load_clip(tmp_path / "ckpt")
+    assert got == cfg
+    ref = from_hf_state_dict(model.state_dict(), cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, ref)
+    out = tmp_path / "out"
+    assert main(["detect", str(EXAMPLES), "--method", "anoclip", "--weights", str(tmp_path / "ckpt"),
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().err
+    assert len(read_scores(out)) == 10
+    # converting onto an existing directory refuses without --overwrite
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2

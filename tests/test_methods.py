@@ -211,3 +211,22 @@ def test_anoclip_views_image_score_is_mean_over_views(tiny):
     np.testing.assert_allclose(det.image_scores, np.mean(probs, axis=0), atol=1e-6)
     plain = detect(params, cfg, px, t, AnoCLIPConfig())
     np.testing.assert_allclose(det.anomaly_maps, plain.anomaly_maps, atol=1e-6)  # views change only the score
+
+
+def test_fiseclip_minmax_ignores_images_without_references():
+    """An image whose every reference is filtered scores 0 in the matching branch; that 0
+    must not become the batch minimum of the min-max normalisation."""
+    f = random_feats(8, b=3)
+    t = np.eye(2, D, dtype=np.float32)
+    f["local"][:] = t[0]
+    f["local"][1:] = t[1]  # images 1 and 2 look abnormal everywhere: never references
+    config = FiSeCLIPConfig(r_list=(1,), tau=100.0, theta=0.5, sigma=0.0)
+    det = score_fiseclip(f, t, jnp.ones(3, bool), config, G)
+    np.testing.assert_array_equal(det.num_refs, [0, 1, 1])
+    # image 0 has no reference: text only; images 1, 2 match image 0 only -> their match
+    # scores are min-max normalised between themselves
+    np.testing.assert_allclose(det.anomaly_maps[0], np_text_alignment(f["local"][0], t, 100.0).reshape(G, G),
+                               atol=1e-6)
+    ref = np_fiseclip(f["tokens"], f["local"], f["cls"], t, G, config)
+    np.testing.assert_allclose(det.anomaly_maps, ref[1], atol=2e-5)
+    np.testing.assert_allclose(det.image_scores, ref[0], atol=2e-5)

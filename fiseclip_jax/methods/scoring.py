@@ -87,7 +87,8 @@ def score_fiseclip(feats, text, valid, config, size):
     a_match, num_refs = matching_scores(feats["tokens"], valid, allowed, config.r_list, config.alpha,
                                         config.chunk_size)  # step 4
     if config.fusion_norm == "minmax":  # step 5: matching filters the text
-        a_match = minmax_normalise(a_match, valid=valid)
+        # images without any reference (score 0) must not set the batch minimum
+        a_match = minmax_normalise(a_match, valid=valid & (num_refs > 0))
     else:
         a_match = a_match / config.match_scale
     fused = config.fusion_weight * a_match + (1.0 - config.fusion_weight) * a_txt
