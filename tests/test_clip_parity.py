@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 from clip_reference import hf_model_and_params, random_pixels  # noqa: E402
 
 from fiseclip_jax import encode_image, encode_text  # noqa: E402
+from fiseclip_jax.clip.modeling import embed_image_tokens  # noqa: E402
 
 TOL = 1e-5
 
@@ -31,6 +32,12 @@ def test_image_tower(preset, size, layers):
     pixels = random_pixels(2, size)
     ref, ref_embeds = torch_vision(model, pixels)
     out = encode_image(params, cfg, pixels, layers=layers)
+    # stage 0: patch conv, class token, (resized) position embeddings, ln_pre
+    with torch.no_grad():
+        vm = model.vision_model
+        ref_emb = vm.pre_layrnorm(vm.embeddings(torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                                                interpolate_pos_encoding=True)).numpy()
+    assert np.abs(np.asarray(embed_image_tokens(params, cfg, pixels)) - ref_emb).max() <= TOL
     # hidden_states[l] is the residual stream after block l (1-indexed), as ours
     for layer in layers:
         err = np.abs(np.asarray(out["block_tokens"][layer]) - ref.hidden_states[layer].numpy()).max()

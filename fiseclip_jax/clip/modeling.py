@@ -152,6 +152,22 @@ def resize_pos_embed(pos_embed, grid: int, new_grid: int):
 
 
 # ---------------------------------------------------------------- encoders
+def embed_image_tokens(params: Params, cfg: CLIPConfig, pixels):
+    """[B, S, S, 3] -> [B, 1 + P, W]: patch conv, class token, (resized) positions, ln_pre."""
+    vcfg, vp = cfg.vision, params["vision"]
+    b, h, _, _ = pixels.shape
+    p = vcfg.patch_size
+    patches = jax.lax.conv_general_dilated(
+        pixels.astype(jnp.float32), vp["patch_embed"]["kernel"], (p, p), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    grid = h // p
+    x = patches.reshape(b, grid * grid, vcfg.width)
+    cls = jnp.broadcast_to(vp["class_embed"], (b, 1, vcfg.width))
+    x = jnp.concatenate([cls, x], axis=1) + resize_pos_embed(vp["pos_embed"], vcfg.grid, grid)
+    return layer_norm(x, vp["ln_pre"], cfg.layer_norm_eps)
+
+
 def _encode_image(params: Params, cfg: CLIPConfig, pixels, *, layers=(), local=None, local_blocks=1):
     vcfg, eps = cfg.vision, cfg.layer_norm_eps
     vp = params["vision"]
@@ -170,15 +186,7 @@ def _encode_image(params: Params, cfg: CLIPConfig, pixels, *, layers=(), local=N
         if not 1 <= local_blocks <= vcfg.layers:
             raise ValueError(f"local_blocks must be in 1..{vcfg.layers}, got {local_blocks}")
 
-    patches = jax.lax.conv_general_dilated(
-        pixels.astype(jnp.float32), vp["patch_embed"]["kernel"], (p, p), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    grid = h // p
-    x = patches.reshape(b, grid * grid, vcfg.width)
-    cls = jnp.broadcast_to(vp["class_embed"], (b, 1, vcfg.width))
-    x = jnp.concatenate([cls, x], axis=1) + resize_pos_embed(vp["pos_embed"], vcfg.grid, grid)
-    x = layer_norm(x, vp["ln_pre"], eps)
+    x = embed_image_tokens(params, cfg, pixels)
 
     first_local = vcfg.layers - local_blocks + 1 if local is not None else None
     block_tokens, x_loc = {}, None
