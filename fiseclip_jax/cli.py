@@ -34,6 +34,25 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="MuSc only: override the activation (gelu reproduces MuSc's published runs, SPEC §8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and the test-time adapter")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--devices", type=int, default=None,
+                   help="split batches over N devices (a JAX mesh; matching passes references around "
+                        "the device ring); default: one device")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-host job first (jax.distributed.initialize, configured by the "
+                        "cluster environment); --devices then counts devices of all hosts")
+
+
+def make_run_mesh(args):
+    """The mesh the CLI flags ask for, or None."""
+    if args.distributed:
+        from .distributed import initialize_distributed
+
+        initialize_distributed()
+    if args.devices is None and not args.distributed:
+        return None
+    from .distributed import make_mesh
+
+    return make_mesh(args.devices)
 
 
 def method_config(method: str, batch_size: int | None, act: str | None):
@@ -73,11 +92,12 @@ def cmd_convert(args) -> int:
 def cmd_detect(args) -> int:
     from .runner import run_detect
 
+    mesh = make_run_mesh(args)
     params, cfg, is_random = load_weights(args.weights, args.seed)
     config = method_config(args.method, args.batch_size, args.act)
     out = run_detect(params, cfg, args.dir, config, class_name=args.class_name, out=args.out,
                      size=args.size, encode_batch=args.batch_size or 8, progress=not args.no_progress,
-                     random_weights=is_random, weights=args.weights, seed=args.seed)
+                     random_weights=is_random, weights=args.weights, seed=args.seed, mesh=mesh)
     if is_random:
         print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
     print(f"wrote {out / 'scores.csv'} and overlays in {out / 'overlays'}")

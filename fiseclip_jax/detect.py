@@ -15,6 +15,7 @@ import numpy as np
 from .clip.config import CLIPConfig
 from .clip.modeling import encode_image
 from .clip.preprocess import preprocess
+from .distributed import pad_batch, replicate, shard_batch, sharded_encode_features
 from .methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig, default_match_layers
 from .methods.scoring import Detection, score_anoclip, score_fiseclip, score_musc
 from .prompts import TextFeatures, text_features_full
@@ -56,17 +57,19 @@ def encode_features(params, cfg: CLIPConfig, pixels, config) -> dict:
     return feats
 
 
-def score_features(feats, text, valid, config, size: int) -> Detection:
-    """Scores and maps of one batch from its features. Pure, jit-able (config, size static)."""
+def score_features(feats, text, valid, config, size: int, mesh=None) -> Detection:
+    """Scores and maps of one batch from its features. Pure, jit-able (config, size, mesh static).
+
+    With a `mesh`, MuSc/FiSeCLIP matching runs as `distributed.ring_mutual_scores` over it."""
     if isinstance(config, MuScConfig):
-        return score_musc(feats, valid, config, size)
+        return score_musc(feats, valid, config, size, mesh)
     if isinstance(config, FiSeCLIPConfig):
-        return score_fiseclip(feats, text.features, valid, config, size)
+        return score_fiseclip(feats, text.features, valid, config, size, mesh)
     if isinstance(config, AnoCLIPConfig):
         if config.tta is not None:
             from .tta import adapt_tokens
 
-            local = adapt_tokens(feats["local"], text, config.tta)
+            local = adapt_tokens(feats["local"], text, config.tta, valid=valid)
             return score_anoclip(feats, text.features, valid, config, size, local=local)
         return score_anoclip(feats, text.features, valid, config, size)
     raise TypeError(f"unknown method config {type(config).__name__}")
@@ -88,16 +91,27 @@ def _detect(params, cfg, pixels, text, valid, config):
     return score_features(feats, text, valid, config, pixels.shape[1])
 
 
-def detect(params, cfg: CLIPConfig, pixels, text, config: MethodConfig, valid=None) -> Detection:
+def detect(params, cfg: CLIPConfig, pixels, text, config: MethodConfig, valid=None, *, mesh=None) -> Detection:
     """One method over one batch of one category: Detection(image_scores [B], anomaly_maps [B, S, S]).
 
     pixels: CLIP-normalised [B, S, S, 3]; text: [2, D] features or `TextFeatures`;
     valid: [B] bool marks real images in a padded batch. Compiled once per shape.
     MuSc and FiSeCLIP treat the batch as the reference set (MuSc: pass the whole category).
+    mesh: optional `jax.sharding.Mesh` (`distributed.make_mesh`): the batch is split over its
+    devices for encoding (B padded to a multiple of the device count) and matching runs on the
+    device ring; the result equals the single-device one.
     """
     pixels = jnp.asarray(pixels, jnp.float32)
     valid = jnp.ones(pixels.shape[0], bool) if valid is None else jnp.asarray(valid, bool)
-    return _detect(params, cfg, pixels, _as_text(text), valid, config)
+    if mesh is None:
+        return _detect(params, cfg, pixels, _as_text(text), valid, config)
+    b = pixels.shape[0]
+    params, text = replicate((params, _as_text(text)), mesh)
+    feats, _ = sharded_encode_features(params, cfg, pixels, config, mesh, return_valid=True)
+    valid_pad, _ = pad_batch(np.asarray(valid), mesh.size)  # padding rows are False
+    valid_pad = shard_batch(valid_pad, mesh)
+    det = _score_jit(feats, text, valid_pad, config, pixels.shape[1], mesh)
+    return Detection(*(a[:b] for a in det))
 
 
 # ------------------------------------------------------------------ categories
@@ -117,7 +131,7 @@ def _load(item, size, resample):
 
 
 _encode_jit = jax.jit(encode_features, static_argnames=("cfg", "config"))
-_score_jit = jax.jit(score_features, static_argnames=("config", "size"))
+_score_jit = jax.jit(score_features, static_argnames=("config", "size", "mesh"))
 
 
 def _batches(n, b):
@@ -131,13 +145,15 @@ def _pad(x, b):
 
 def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, config: MethodConfig, *,
                     size: int, encode_batch: int = 8, resample: str = "bicubic", text=None,
-                    progress: bool | Callable = True) -> CategoryResult:
+                    progress: bool | Callable = True, mesh=None) -> CategoryResult:
     """Run a whole category: images are paths, PIL images or uint8 HWC arrays.
 
     MuSc (and FiSeCLIP with batch_size 0) encode in batches of `encode_batch`, then score
     the whole category at once; FiSeCLIP scores batches of `config.batch_size`; AnoCLIP
     scores batches of `encode_batch`. The last partial batch is padded and masked, so
-    one compilation serves every batch.
+    one compilation serves every batch. With a `mesh` (`distributed.make_mesh`, one process),
+    each batch is split over its devices (parameters replicated) and matching runs as
+    `ring_mutual_scores`; `encode_batch` is then the global batch.
     """
     n = len(images)
     if n == 0:
@@ -151,16 +167,22 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     whole = isinstance(config, MuScConfig) or (isinstance(config, FiSeCLIPConfig)
                                                and (config.batch_size == 0 or config.batch_size >= n))
     group = encode_batch if (whole or isinstance(config, AnoCLIPConfig)) else config.batch_size
+    if mesh is not None:  # once, on every device of the mesh
+        params, text = replicate((params, text), mesh)
+    encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
     bar = _progress(progress, n, class_name)
     scores, maps, refs, feats = [], [], [], []
     for lo, hi in _batches(n, group):
         pixels = _pad(np.stack([_load(im, size, resample) for im in images[lo:hi]]), group)
         valid = np.arange(group) < hi - lo
         if whole:
-            f = _encode_jit(params, cfg, jnp.asarray(pixels), config)
+            f = encode(params, cfg, jnp.asarray(pixels), config)
             feats.append(jax.tree.map(lambda a: np.asarray(a)[: hi - lo], f))
+        elif mesh is not None:  # the batch split over the mesh; FiSeCLIP matches it on the ring
+            det = _score_jit(encode(params, cfg, pixels, config), text, jnp.asarray(valid), config, size, mesh)
         else:
             det = detect(params, cfg, pixels, text, config, valid)
+        if not whole:
             scores.append(np.asarray(det.image_scores)[: hi - lo])
             maps.append(np.asarray(det.anomaly_maps)[: hi - lo])
             refs.append(np.asarray(det.num_refs)[: hi - lo])
@@ -168,7 +190,7 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     if whole:
         bar.set_postfix_str("matching")
         all_feats = jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a)), *feats)
-        det = _score_jit(all_feats, text, jnp.ones(n, bool), config, size)
+        det = _score_jit(all_feats, text, jnp.ones(n, bool), config, size, mesh)
         scores, maps, refs = [np.asarray(det.image_scores)], [np.asarray(det.anomaly_maps)], [np.asarray(det.num_refs)]
     bar.close()
     result = CategoryResult(np.concatenate(scores), np.concatenate(maps), np.concatenate(refs))

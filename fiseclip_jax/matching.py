@@ -30,27 +30,48 @@ def _k_table(n_max: int, alpha: float) -> np.ndarray:
     return np.array([min(max(1, int(alpha * n)), max(n, 1)) for n in range(n_max + 1)], np.int32)
 
 
-def _nearest_sq_dist(features, allowed, chunk_size):
-    """[N, P, C], [N, P] -> [N, P, N] min over allowed q of ‖z_i(p) − z_j(q)‖², chunked over j."""
-    n, p, c = features.shape
+def _nearest_sq_dist(queries, refs, ref_allowed, chunk_size):
+    """[Nq, P, C], [Nr, P, C], [Nr, P] -> [Nq, P, Nr] min over allowed q of ‖z_i(p) − z_j(q)‖², chunked on j."""
+    n, p, c = refs.shape
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
-    sq = jnp.sum(features * features, axis=-1)  # [N, P]
-    refs = jnp.pad(features, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk_size, p, c)
-    ref_sq = jnp.pad(sq, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
-    ref_ok = jnp.pad(allowed, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
+    sq = jnp.sum(queries * queries, axis=-1)  # [Nq, P]
+    ref_sq = jnp.sum(refs * refs, axis=-1)  # [Nr, P]
+    ref_z = jnp.pad(refs, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk_size, p, c)
+    ref_sq = jnp.pad(ref_sq, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
+    ref_ok = jnp.pad(ref_allowed, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
 
     def body(carry, xs):
         z_ref, z_ref_sq, ok = xs  # [chunk, P, C], [chunk, P], [chunk, P]
-        # ‖a‖² + ‖b‖² − 2a·b, peak memory N·P·chunk·P (SPEC §4.2).
-        dots = jnp.einsum("npc,mqc->npmq", features, z_ref, precision=_HIGHEST)
+        # ‖a‖² + ‖b‖² − 2a·b, peak memory Nq·P·chunk·P (SPEC §4.2).
+        dots = jnp.einsum("npc,mqc->npmq", queries, z_ref, precision=_HIGHEST)
         d2 = sq[:, :, None, None] + z_ref_sq[None, None] - 2.0 * dots
         d2 = jnp.where(ok[None, None], jnp.maximum(d2, 0.0), jnp.inf)
-        return carry, jnp.min(d2, axis=-1)  # [N, P, chunk]
+        return carry, jnp.min(d2, axis=-1)  # [Nq, P, chunk]
 
-    _, mins = lax.scan(body, None, (refs, ref_sq, ref_ok))  # [n_chunks, N, P, chunk]
-    mins = jnp.moveaxis(mins, 0, 2).reshape(n, p, n_chunks * chunk_size)
+    _, mins = lax.scan(body, None, (ref_z, ref_sq, ref_ok))  # [n_chunks, Nq, P, chunk]
+    mins = jnp.moveaxis(mins, 0, 2).reshape(queries.shape[0], p, n_chunks * chunk_size)
     return mins[:, :, :n]
+
+
+def _mean_smallest_k(d2, pair_ok, alpha: float) -> MutualScores:
+    """[Nq, P, Nr] squared distances, [Nq, Nr] usable pairs -> mean of the k_i smallest distances.
+
+    k_i = max(1, ⌊alpha·n_i⌋) with n_i the usable references of query i (SPEC §4.2); rows
+    with n_i = 0 score 0. Shared by `mutual_scores` and the ring of `distributed`.
+    """
+    num_refs = jnp.sum(pair_ok, axis=1).astype(jnp.int32)
+    k_table = _k_table(max(d2.shape[-1] - 1, 0), alpha)  # num_refs <= Nr - 1 (self excluded)
+    k = jnp.asarray(k_table)[num_refs]  # [Nq]
+    k_max = int(k_table.max())
+    # Smallest k_max distances per (i, p); excluded pairs are +inf so they sort last.
+    d2 = jnp.where(pair_ok[:, None, :], d2, jnp.inf)
+    smallest = -lax.top_k(-d2, k_max)[0]  # [Nq, P, k_max] ascending
+    take = jnp.arange(k_max)[None, :] < k[:, None]  # [Nq, k_max]
+    take = take & (num_refs > 0)[:, None]
+    dist = jnp.sqrt(jnp.where(take[:, None, :], smallest, 0.0))
+    scores = jnp.sum(dist, axis=-1) / k[:, None].astype(jnp.float32)
+    return MutualScores(scores.astype(jnp.float32), num_refs)
 
 
 def mutual_scores(features, allowed=None, valid=None, *, alpha: float = 0.3,
@@ -69,22 +90,10 @@ def mutual_scores(features, allowed=None, valid=None, *, alpha: float = 0.3,
     valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
     chunk = max(1, min(int(chunk_size), n))
 
-    d2 = _nearest_sq_dist(features, allowed, chunk)  # [N, P, N]
+    d2 = _nearest_sq_dist(features, features, allowed, chunk)  # [N, P, N]
     usable_ref = valid & jnp.any(allowed, axis=1)  # [N]
     pair_ok = valid[:, None] & usable_ref[None, :] & ~jnp.eye(n, dtype=bool)  # [i, j]
-    num_refs = jnp.sum(pair_ok, axis=1).astype(jnp.int32)
-
-    k_table = _k_table(n - 1, alpha)  # num_refs <= N - 1
-    k = jnp.asarray(k_table)[num_refs]  # [N]
-    k_max = int(k_table.max())
-    # Smallest k_max distances per (i, p); excluded pairs are +inf so they sort last.
-    d2 = jnp.where(pair_ok[:, None, :], d2, jnp.inf)
-    smallest = -lax.top_k(-d2, k_max)[0]  # [N, P, k_max] ascending
-    take = jnp.arange(k_max)[None, :] < k[:, None]  # [N, k_max]
-    take = take & (num_refs > 0)[:, None]
-    dist = jnp.sqrt(jnp.where(take[:, None, :], smallest, 0.0))
-    scores = jnp.sum(dist, axis=-1) / k[:, None].astype(jnp.float32)
-    return MutualScores(scores.astype(jnp.float32), num_refs)
+    return _mean_smallest_k(d2, pair_ok, alpha)
 
 
 mutual_scores_jit = jax.jit(mutual_scores, static_argnames=("alpha", "chunk_size"))

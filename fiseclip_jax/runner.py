@@ -46,7 +46,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, encode_batch=8,
-               progress=True, random_weights=False, weights="", seed=0) -> Path:
+               progress=True, random_weights=False, weights="", seed=0, mesh=None) -> Path:
     folder, out = Path(folder), Path(out)
     category = list_folder(folder)
     class_name = class_name or folder.resolve().name
@@ -56,7 +56,7 @@ def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, 
     paths = [Path(s.path) for s in category.samples]
     images = [load_image(p) for p in paths]  # errors name the file
     result = detect_category(params, cfg, images, class_name, config, size=size, encode_batch=encode_batch,
-                             progress=progress)
+                             progress=progress, mesh=mesh)
 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rels = [str(p.relative_to(folder)) for p in paths]
@@ -74,7 +74,7 @@ def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, 
         "command": "detect", "folder": str(folder), "class_name": class_name, "size": size,
         "weights": weights, "random_weights": random_weights, "clip": cfg.to_dict(), "seed": seed,
         "config": config_record(config), "versions": library_versions(), "num_images": len(paths),
-        "overlay_scale": [vmin, vmax],
+        "overlay_scale": [vmin, vmax], "devices": 1 if mesh is None else int(mesh.size),
     }
     if random_weights:
         record["warning"] = "random weights: scores and maps are meaningless"

@@ -89,3 +89,13 @@ def test_convert_then_detect_with_converted_weights(tmp_path, capsys):
     assert len(read_scores(out)) == 10
     # converting onto an existing directory refuses without --overwrite
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+
+
+def test_detect_with_devices_flag_matches_plain(tmp_path):
+    """--devices 1 goes through the mesh path (sharded encode, ring matching) and changes nothing."""
+    args = ["detect", str(EXAMPLES), "--method", "musc", "--weights", "random:tiny", "--size", "32", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--devices", "1", "--out", str(tmp_path / "b")]) == 0
+    a, b = read_scores(tmp_path / "a"), read_scores(tmp_path / "b")
+    np.testing.assert_allclose([float(r["score"]) for r in a], [float(r["score"]) for r in b], atol=1e-4)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["devices"] == 1

@@ -8,11 +8,13 @@ Features come from `encode_features` in `fiseclip_jax.detect`:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from ..distributed import ring_mutual_scores
 from ..matching import lnamd, mutual_scores
 from ..postprocess import gaussian_blur, mean_filter, minmax_normalise, upsample_bilinear
 from ..rscin import rscin
@@ -34,8 +36,12 @@ def text_alignment(embeds, text, tau):
     return jax.nn.softmax(tau * (f @ t.T), axis=-1)[..., 1]
 
 
-def matching_scores(tokens, valid, allowed, r_list, alpha, chunk_size):
-    """[B, nL, P, W] -> ([B, P] mean over r of the mean over layers of mutual scores, [B] refs)."""
+def matching_scores(tokens, valid, allowed, r_list, alpha, chunk_size, mesh=None):
+    """[B, nL, P, W] -> ([B, P] mean over r of the mean over layers of mutual scores, [B] refs).
+
+    With a `mesh` the images are split over its devices and matched by `ring_mutual_scores`.
+    """
+    match = mutual_scores if mesh is None else functools.partial(ring_mutual_scores, mesh=mesh)
     b, n_layers, p, _ = tokens.shape
     grid = int(round(p ** 0.5))
     per_r = []
@@ -44,7 +50,7 @@ def matching_scores(tokens, valid, allowed, r_list, alpha, chunk_size):
         layer_scores = []
         for layer in range(n_layers):
             z = lnamd(tokens[:, layer], grid, r)
-            out = mutual_scores(z, allowed, valid, alpha=alpha, chunk_size=chunk_size)
+            out = match(z, allowed, valid, alpha=alpha, chunk_size=chunk_size)
             layer_scores.append(out.scores)
             num_refs = out.num_refs
         per_r.append(jnp.mean(jnp.stack(layer_scores), axis=0))
@@ -57,10 +63,10 @@ def _grid_maps(patch_scores):
     return patch_scores.reshape(b, g, g)
 
 
-def score_musc(feats, valid, config, size):
+def score_musc(feats, valid, config, size, mesh=None):
     """MuSc (SPEC §4.2): mutual scores, Gaussian-blurred map, max then RsCIN over the batch."""
     patch, num_refs = matching_scores(feats["tokens"], valid, None, config.r_list, config.alpha,
-                                      config.chunk_size)
+                                      config.chunk_size, mesh)
     up = upsample_bilinear(_grid_maps(patch), size, config.align_corners)
     raw = jnp.max(up, axis=(1, 2))
     scores = rscin(raw, feats["cls"], config.k_list, valid=valid)
@@ -80,12 +86,12 @@ def reference_filter(a_txt, valid, config):
     return allowed & valid[:, None]
 
 
-def score_fiseclip(feats, text, valid, config, size):
+def score_fiseclip(feats, text, valid, config, size, mesh=None):
     """FiSeCLIP reconstruction (SPEC §4.3 steps 2–7)."""
     a_txt = text_alignment(feats["local"], text, config.tau)  # step 2
     allowed = reference_filter(a_txt, valid, config)  # step 3
     a_match, num_refs = matching_scores(feats["tokens"], valid, allowed, config.r_list, config.alpha,
-                                        config.chunk_size)  # step 4
+                                        config.chunk_size, mesh)  # step 4
     if config.fusion_norm == "minmax":  # step 5: matching filters the text
         # images without any reference (score 0) must not set the batch minimum
         a_match = minmax_normalise(a_match, valid=valid & (num_refs > 0))
