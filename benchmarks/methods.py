@@ -3,11 +3,15 @@
     python benchmarks/methods.py                        # both tables, default cases
     python benchmarks/methods.py --skip-core --cases ViT-B/16@224 --n-images 16
     python benchmarks/methods.py --skip-methods --core-n 8 16 32 83
+    python benchmarks/methods.py --skip-methods --skip-core --tta   # AnoCLIP vs AnoCLIP+, batch 1 vs 16
 
 Method rows: `detect_category` over N synthetic images after one warm-up run of the
 same shapes (so compilation is excluded), ms per image. Core rows: one jitted
 `mutual_scores` call on [N, P, C] features (P, C as ViT-B/16 at 224 by default),
 its wall time and XLA's compiled memory (arguments + outputs + temporaries).
+TTA rows (`--tta`): AnoCLIP and AnoCLIP+ through `detect_category` with `encode_batch` 1
+and 16 (AnoCLIP+ adapts every image of a batch in parallel under `vmap`), then the adapter
+alone (`tta.adapt` on [B, P, D] local tokens); best of two runs after a warm-up.
 Scores from random weights mean nothing; only the timings do.
 """
 
@@ -22,12 +26,14 @@ import numpy as np
 
 from fiseclip_jax import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig, detect_category, get_config, init_clip
 from fiseclip_jax.matching import mutual_scores
+from fiseclip_jax.tta import TTAConfig, adapt
 
 METHODS = {
     "fiseclip(B=16)": lambda: FiSeCLIPConfig(batch_size=16),
     "fiseclip(B=all)": lambda: FiSeCLIPConfig(batch_size=0),
     "musc": lambda: MuScConfig(),
     "anoclip": lambda: AnoCLIPConfig(),
+    "anoclip+": lambda: AnoCLIPConfig(tta=TTAConfig()),
 }
 
 
@@ -52,6 +58,43 @@ def bench_methods(cases, methods, n_images):
             run()
             dt = time.perf_counter() - t0
             print(f"{name:<18}{case:<20}{n_images:>4}{dt:>10.2f}{1000 * dt / n_images:>11.0f}", flush=True)
+
+
+def _timed(run, repeats=2):
+    """Best of `repeats` runs after a warm-up (compilation excluded; the CPU may be shared)."""
+    jax.block_until_ready(run())
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_tta(case, batches, n_images):
+    """AnoCLIP vs AnoCLIP+ (SPEC §4.5), ms/image at each batch size, and the adapter alone."""
+    from fiseclip_jax import text_features_full
+
+    preset, _, size = case.rpartition("@")
+    cfg = get_config(preset)
+    params = init_clip(cfg, jax.random.key(0))
+    images = synthetic_images(n_images)
+    print(f"\n{'method':<12}{'model@size':<24}{'N':>4}{'batch':>6}{'s total':>10}{'ms/image':>11}")
+    for name in ("anoclip", "anoclip+"):
+        config = METHODS[name]()
+        for b in batches:
+            dt = _timed(lambda: detect_category(params, cfg, images, "bottle", config, size=int(size),  # noqa: B023
+                                                encode_batch=b, progress=False))
+            print(f"{name:<12}{case:<24}{n_images:>4}{b:>6}{dt:>10.2f}{1000 * dt / n_images:>11.0f}", flush=True)
+    text = text_features_full(params, cfg, "bottle", "anoclip")
+    p = (int(size) // cfg.vision.patch_size) ** 2
+    print(f"\nadapter alone (tta.adapt, text adapter, {text.normal_sentences.shape[0]} sentences per side, "
+          f"P={p}, D={cfg.embed_dim}, 5 AdamW steps)")
+    print(f"{'batch':>6}{'ms/batch':>10}{'ms/image':>10}")
+    for b in batches:
+        local = jnp.asarray(np.random.default_rng(b).normal(size=(b, p, cfg.embed_dim)), jnp.float32)
+        dt = _timed(lambda: adapt(local, text, TTAConfig(), jax.random.key(0))[0])  # noqa: B023
+        print(f"{b:>6}{1000 * dt:>10.0f}{1000 * dt / b:>10.1f}", flush=True)
 
 
 def bench_core(ns, p, c, chunk):
@@ -83,12 +126,17 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=4)
     ap.add_argument("--skip-methods", action="store_true")
     ap.add_argument("--skip-core", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="AnoCLIP vs AnoCLIP+ at batch sizes --tta-batch")
+    ap.add_argument("--tta-case", default="ViT-B-16-plus-240@240")
+    ap.add_argument("--tta-batch", type=int, nargs="+", default=[1, 16])
     args = ap.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; random weights")
     if not args.skip_methods:
         bench_methods(args.cases, args.methods, args.n_images)
     if not args.skip_core:
         bench_core(args.core_n, args.core_p, args.core_c, args.chunk)
+    if args.tta:
+        bench_tta(args.tta_case, args.tta_batch, args.n_images)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ WINCLIP = PromptSet(
     templates=_WINCLIP_TEMPLATES,
 )
 
-# AnoCLIP's domain-aware contrastive states: 7 pairs, 22 patterns x 3 domain phrases.
-_ANOCLIP_PAIRS = (("{}", "damaged {}"), ("flawless {}", "abnormal {}"), ("perfect {}", "imperfect {}"),
+# AnoCLIP's domain-aware contrastive states: 7 pairs, 22 patterns x 3 domain phrases; as in the
+# authors' code the first normal state is "normal {}" and the sentences end without a period.
+_ANOCLIP_PAIRS = (("normal {}", "damaged {}"), ("flawless {}", "abnormal {}"), ("perfect {}", "imperfect {}"),
                   ("unblemished {}", "blemished {}"), ("{} without flaw", "{} with flaw"),
                   ("{} without defect", "{} with defect"), ("{} without damage", "{} with damage"))
 OBJECT_DOMAINS = ("industrial photo", "industrial image", "manufacturing image")
@@ -77,12 +78,12 @@ def _anoclip_templates(domains) -> tuple[str, ...]:
     for x in domains:
         an = f"{_article(x)} {x}"
         for adj in ("cropped", "close-up", "bright", "dark", "jpeg corrupted", "blurry"):
-            out += [f"a {adj} {x} of the {{}}.", f"a {adj} {x} of a {{}}."]
-        out += [f"{an} of a {{}}.", f"{an} of the {{}}.",
-                f"{an} of a small {{}}.", f"{an} of the small {{}}.",
-                f"{an} of a large {{}}.", f"{an} of the large {{}}.",
-                f"{an} of the {{}} for visual inspection.", f"{an} of a {{}} for visual inspection.",
-                f"{an} of the {{}} for anomaly detection.", f"{an} of a {{}} for anomaly detection."]
+            out += [f"a {adj} {x} of the {{}}", f"a {adj} {x} of a {{}}"]
+        out += [f"{an} of a {{}}", f"{an} of the {{}}",
+                f"{an} of a small {{}}", f"{an} of the small {{}}",
+                f"{an} of a large {{}}", f"{an} of the large {{}}",
+                f"{an} of the {{}} for visual inspection", f"{an} of a {{}} for visual inspection",
+                f"{an} of the {{}} for anomaly detection", f"{an} of a {{}} for anomaly detection"]
     return tuple(out)
 
 

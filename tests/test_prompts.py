@@ -16,8 +16,9 @@ def test_prompt_counts_and_texts():
     assert "a close-up photo of the bottle with damage." in a
     n, a = ANOCLIP_OBJECT.sentences("metal nut")
     assert len(n) == len(a) == 462  # 66 templates x 7 states
-    assert "an industrial photo of a metal nut without defect." in n
-    assert "a manufacturing image of the imperfect metal nut for anomaly detection." in a
+    assert "an industrial photo of a metal nut without defect" in n
+    assert "a manufacturing image of the imperfect metal nut for anomaly detection" in a
+    assert "a cropped industrial photo of the normal metal nut" in n
     assert get_prompt_set("anoclip", "wood") is ANOCLIP_TEXTURE
     assert get_prompt_set("anoclip", "metal_nut") is ANOCLIP_OBJECT
     assert any("textural photo" in t for t in ANOCLIP_TEXTURE.templates)

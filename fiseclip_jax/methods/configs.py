@@ -8,7 +8,10 @@ the closest published method and are to be re-measured with real weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..tta import TTAConfig
 
 
 def default_match_layers(n_layers: int) -> tuple[int, ...]:
@@ -75,7 +78,7 @@ class AnoCLIPConfig:
     mean_filter: int = 3  # replicate-padded mean filter on the patch grid
     align_corners: bool = True
     views: bool = False  # image score averaged over the 22 views of SPEC §4.4
-    tta: Optional[object] = None  # a TTAConfig for AnoCLIP+
+    tta: Optional[TTAConfig] = None  # AnoCLIP+ (SPEC §4.5): fiseclip_jax.tta.TTAConfig(); None = plain AnoCLIP
 
     name = "anoclip"
 
