@@ -55,7 +55,7 @@ def make_run_mesh(args):
     return make_mesh(args.devices)
 
 
-def method_config(method: str, batch_size: int | None, act: str | None):
+def method_config(method: str, batch_size: int | None, act: str | None, seed: int = 0):
     """The library config a CLI method name stands for."""
     from .methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig
 
@@ -68,7 +68,7 @@ def method_config(method: str, batch_size: int | None, act: str | None):
     if method == "anoclip+":
         from .tta import TTAConfig
 
-        return AnoCLIPConfig(tta=TTAConfig())
+        return AnoCLIPConfig(tta=TTAConfig(seed=seed))
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -94,7 +94,7 @@ def cmd_detect(args) -> int:
 
     mesh = make_run_mesh(args)
     params, cfg, is_random = load_weights(args.weights, args.seed)
-    config = method_config(args.method, args.batch_size, args.act)
+    config = method_config(args.method, args.batch_size, args.act, args.seed)
     out = run_detect(params, cfg, args.dir, config, class_name=args.class_name, out=args.out,
                      size=args.size, encode_batch=args.batch_size or 8, progress=not args.no_progress,
                      random_weights=is_random, weights=args.weights, seed=args.seed, mesh=mesh)

@@ -18,7 +18,7 @@ def cmd_evaluate(args) -> int:
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
     mesh = make_run_mesh(args)
     params, cfg, is_random = load_weights(args.weights, args.seed)
-    config = method_config(args.method, args.batch_size, args.act)
+    config = method_config(args.method, args.batch_size, args.act, args.seed)
     evaluate(params, cfg, args.dataset, args.root, config, categories=args.category, size=args.size,
              out=args.out, masks=args.masks, resume=args.resume, aupro=args.aupro,
              mask_rule="strict" if args.mask_rule == "strict" else "resize>0.5",

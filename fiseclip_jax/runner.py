@@ -9,7 +9,6 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 
 from .data import list_folder, load_image
 from .detect import detect_category

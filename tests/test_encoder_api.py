@@ -1,7 +1,7 @@
 """encode_image / encode_text as composable pure functions: jit, no-jit, vmap, preprocess."""
 
 import jax
-import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -3,7 +3,7 @@ resume, refusal to mix configurations, folder datasets, readable errors. Random 
 
 import csv
 import json
-from pathlib import Path
+
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ from method_oracles import np_anoclip, np_fiseclip, np_musc, np_text_alignment
 from fiseclip_jax import (AnoCLIPConfig, FiSeCLIPConfig, MuScConfig, detect, detect_category, get_config,
                           init_clip)
 from fiseclip_jax.methods.scoring import score_anoclip, score_fiseclip, score_musc, text_alignment
-from fiseclip_jax.prompts import TextFeatures
+
 
 B, NL, G, W, D, S = 5, 2, 4, 8, 6, 16
 
