@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def stage_times(params, cfg, paths, class_name, config, size, encode_batch=8) ->
     """load / encode / score seconds, batched as `detect_category` batches them."""
     from fiseclip_jax.clip.preprocess import preprocess
     from fiseclip_jax.data import load_image
-    from fiseclip_jax.detect import encode_features, method_clip_config, score_features
+    from fiseclip_jax.detect import encode_features, score_features
     from fiseclip_jax.methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig
     from fiseclip_jax.prompts import TextFeatures, text_features_full
 
@@ -96,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--category", default="bottle")
     ap.add_argument("--weights", default="random:ViT-B/16")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--methods", nargs="+", default=None, help=f"default: {METHODS} (anoclip+ if tta exists)")
+    ap.add_argument("--methods", nargs="+", default=None, help=f"default: {METHODS}")
     ap.add_argument("--out", default=None, help="evaluate outputs (default: a temporary folder)")
     args = ap.parse_args(argv)
 
@@ -104,8 +105,10 @@ def main(argv=None):
     from fiseclip_jax.clip.checkpoint import resolve_weights
     from fiseclip_jax.evaluate import evaluate, list_categories
 
-    methods = args.methods or [m for m in METHODS if m != "anoclip+" or _has_tta()]
+    methods = args.methods or METHODS
     t0 = time.perf_counter()
+    if not (Path(args.root) / args.category / "test").is_dir():
+        sys.exit(f"MVTec AD {args.category} not found under {args.root}: nothing to benchmark")
     params, cfg, is_random = _ready(resolve_weights(args.weights, seed=0))
     t_weights = time.perf_counter() - t0
     out = Path(args.out or tempfile.mkdtemp(prefix="eval_bottle_"))
@@ -149,14 +152,6 @@ def main(argv=None):
         print("| " + " | ".join([a[0]] + ["n/a" if v is None else f"{v:.1f}" for v in a[1:]]) + " |")
     if is_random:
         print("\n" + RANDOM_BANNER.format(spec=args.weights))
-
-
-def _has_tta() -> bool:
-    try:
-        import fiseclip_jax.tta  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

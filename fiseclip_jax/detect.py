@@ -178,11 +178,8 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
         if whole:
             f = encode(params, cfg, jnp.asarray(pixels), config)
             feats.append(jax.tree.map(lambda a: np.asarray(a)[: hi - lo], f))
-        elif mesh is not None:  # the batch split over the mesh; FiSeCLIP matches it on the ring
-            det = _score_jit(encode(params, cfg, pixels, config), text, jnp.asarray(valid), config, size, mesh)
         else:
-            det = detect(params, cfg, pixels, text, config, valid)
-        if not whole:
+            det = detect(params, cfg, pixels, text, config, valid, mesh=mesh)
             scores.append(np.asarray(det.image_scores)[: hi - lo])
             maps.append(np.asarray(det.anomaly_maps)[: hi - lo])
             refs.append(np.asarray(det.num_refs)[: hi - lo])

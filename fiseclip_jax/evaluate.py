@@ -172,12 +172,9 @@ def evaluate_category(params, cfg, cat: Category, config, *, size: int, aupro="e
     """Detect and score one category: (record, image_scores [N], anomaly_maps [N, S, S], masks [N, S, S] | None).
 
     Image metrics need every label; pixel metrics also need the dataset's masks."""
-    kwargs = {}
-    if mesh is not None:
-        kwargs["mesh"] = mesh
     t0 = time.perf_counter()
     result = detect_category(params, cfg, [s.path for s in cat.samples], cat.class_name, config, size=size,
-                             encode_batch=encode_batch, progress=progress, **kwargs)
+                             encode_batch=encode_batch, progress=progress, mesh=mesh)
     scores = np.asarray(result.image_scores, np.float64)
     maps = np.asarray(result.anomaly_maps)
     t1 = time.perf_counter()

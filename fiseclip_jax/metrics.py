@@ -229,13 +229,19 @@ def _aupro_curve_area(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept, ma
     return float(np.clip(_integrate_to(x, y, max_fpr) / max_fpr, 0.0, 1.0))
 
 
-def _aupro_exact(y: np.ndarray, s: np.ndarray, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
+def _pro_inputs(y: np.ndarray):
+    """(region weights, normal-pixel count, why PRO is undefined or None)."""
     weights, n_regions = _region_weights(y)
     n_neg = int(y.size - np.count_nonzero(y))
-    if n_regions == 0:
-        return _undefined("AUPRO", "no defect region in the masks")
-    if n_neg == 0:
-        return _undefined("AUPRO", "no normal pixel in the masks")
+    why = "no defect region in the masks" if n_regions == 0 else \
+        "no normal pixel in the masks" if n_neg == 0 else None
+    return weights, n_neg, why
+
+
+def _aupro_exact(y: np.ndarray, s: np.ndarray, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
+    weights, n_neg, why = _pro_inputs(y)
+    if why:
+        return _undefined("AUPRO", why)
     pos = s[y]
     if neg_sorted is None:
         # Only the top max_fpr share of negatives matters: partition (O(n)), sort that part.
@@ -280,12 +286,9 @@ def aupro_legacy(masks, maps, num_thresholds: int = 200, max_fpr: float = 0.3) -
     max_fpr = _check_max_fpr(max_fpr)
     if int(num_thresholds) < 1:
         raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
-    weights, n_regions = _region_weights(y)
-    n_neg = int(y.size - np.count_nonzero(y))
-    if n_regions == 0:
-        return _undefined("AUPRO (legacy)", "no defect region in the masks")
-    if n_neg == 0:
-        return _undefined("AUPRO (legacy)", "no normal pixel in the masks")
+    weights, n_neg, why = _pro_inputs(y)
+    if why:
+        return _undefined("AUPRO (legacy)", why)
     lo, hi = s.min(), s.max()
     if lo == hi:
         return _undefined("AUPRO (legacy)", "all map values are equal")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -62,10 +63,9 @@ def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, 
     lines = [["file", "score", "label"]] + [
         [rel, f"{score:.6f}", "" if s.label is None else s.label]
         for rel, score, s in zip(rels, result.image_scores, category.samples)]
-    tmp = out / "scores.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(lines)
-    os.replace(tmp, out / "scores.csv")
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(lines)
+    atomic_write_text(out / "scores.csv", buf.getvalue())
     vmin, vmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())
     for rel, image, amap, score in zip(rels, images, result.anomaly_maps, result.image_scores):
         side_by_side(image, amap, vmin=vmin, vmax=vmax).save(out / "overlays" / overlay_name(rel))

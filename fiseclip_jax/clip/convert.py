@@ -131,28 +131,33 @@ def _shape(sd, key: str, where: str = "") -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
+# Where each shape-visible size sits in each key layout; proj is (key, axis of the embed dim).
+_SHAPE_KEYS = {
+    "openai": dict(patch="visual.conv1.weight", vision_pos="visual.positional_embedding",
+                   proj=("visual.proj", 1), token="token_embedding.weight", text_pos="positional_embedding",
+                   vision_blocks="visual.transformer.resblocks.", text_blocks="transformer.resblocks.",
+                   fc1="0.mlp.c_fc.weight"),
+    "hf": dict(patch="vision_model.embeddings.patch_embedding.weight",
+               vision_pos="vision_model.embeddings.position_embedding.weight",
+               proj=("visual_projection.weight", 0), token="text_model.embeddings.token_embedding.weight",
+               text_pos="text_model.embeddings.position_embedding.weight",
+               vision_blocks="vision_model.encoder.layers.", text_blocks="text_model.encoder.layers.",
+               fc1="0.mlp.fc1.weight"),
+}
+
+
 def _infer_shapes(sd, layout: str, where: str = "") -> dict:
     """Shape-visible architecture: widths, depths, patch, grid, vocab, context, embed dim."""
-    if layout == "openai":
-        w, _, p, _ = _shape(sd, "visual.conv1.weight", where)
-        n_pos = _shape(sd, "visual.positional_embedding", where)[0]
-        embed = _shape(sd, "visual.proj", where)[1]
-        vocab, tw = _shape(sd, "token_embedding.weight", where)
-        ctx = _shape(sd, "positional_embedding", where)[0]
-        vl, tl = _count_layers(sd, "visual.transformer.resblocks."), _count_layers(sd, "transformer.resblocks.")
-        vm = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
-        tm = sd.get("transformer.resblocks.0.mlp.c_fc.weight")
-    elif layout == "hf":
-        w, _, p, _ = _shape(sd, "vision_model.embeddings.patch_embedding.weight", where)
-        n_pos = _shape(sd, "vision_model.embeddings.position_embedding.weight", where)[0]
-        embed = _shape(sd, "visual_projection.weight", where)[0]
-        vocab, tw = _shape(sd, "text_model.embeddings.token_embedding.weight", where)
-        ctx = _shape(sd, "text_model.embeddings.position_embedding.weight", where)[0]
-        vl, tl = _count_layers(sd, "vision_model.encoder.layers."), _count_layers(sd, "text_model.encoder.layers.")
-        vm = sd.get("vision_model.encoder.layers.0.mlp.fc1.weight")
-        tm = sd.get("text_model.encoder.layers.0.mlp.fc1.weight")
-    else:
+    if layout not in _SHAPE_KEYS:
         raise ValueError(f"layout must be one of {sorted(RULES)}, got {layout!r}")
+    k = _SHAPE_KEYS[layout]
+    w, _, p, _ = _shape(sd, k["patch"], where)
+    n_pos = _shape(sd, k["vision_pos"], where)[0]
+    embed = _shape(sd, k["proj"][0], where)[k["proj"][1]]
+    vocab, tw = _shape(sd, k["token"], where)
+    ctx = _shape(sd, k["text_pos"], where)[0]
+    vl, tl = _count_layers(sd, k["vision_blocks"]), _count_layers(sd, k["text_blocks"])
+    vm, tm = sd.get(k["vision_blocks"] + k["fc1"]), sd.get(k["text_blocks"] + k["fc1"])
     g = math.isqrt(n_pos - 1)
     if g * g != n_pos - 1:
         raise ConversionError(f"{where}vision position embedding has {n_pos} rows, not 1 + a square grid")
