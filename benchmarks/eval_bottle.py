@@ -48,30 +48,29 @@ def stage_times(params, cfg, paths, class_name, config, size, encode_batch=8) ->
     from fiseclip_jax.clip.preprocess import preprocess
     from fiseclip_jax.data import load_image
     from fiseclip_jax.detect import encode_features, score_features
-    from fiseclip_jax.methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig
-    from fiseclip_jax.prompts import TextFeatures, text_features_full
+    from fiseclip_jax.methods import as_text
+    from fiseclip_jax.prompts import text_features_full
 
     n = len(paths)
     t0 = time.perf_counter()
     pixels = np.stack([preprocess([load_image(p)], size, "bicubic")[0] for p in paths])
     out = {"load": time.perf_counter() - t0}
 
-    if hasattr(config, "prompts"):
+    if config.prompts is not None:
         text = text_features_full(params, cfg, class_name, config.prompts)
     else:
-        z = jnp.zeros((0, cfg.embed_dim))
-        text = TextFeatures(jnp.zeros((2, cfg.embed_dim)), z, z)
-    whole = isinstance(config, MuScConfig) or (isinstance(config, FiSeCLIPConfig)
-                                               and (config.batch_size == 0 or config.batch_size >= n))
-    group = encode_batch if (whole or isinstance(config, AnoCLIPConfig)) else config.batch_size
+        text = as_text(jnp.zeros((2, cfg.embed_dim)))
+    group = config.group(n, encode_batch)
+    whole = group is None
+    group = encode_batch if whole else group
     batches = []
     for lo in range(0, n, group):
         x = pixels[lo: lo + group]
         valid = np.arange(group) < len(x)
         batches.append((np.concatenate([x, np.repeat(x[-1:], group - len(x), 0)]), valid))
 
-    encode = jax.jit(encode_features, static_argnames=("cfg", "config"))
-    score = jax.jit(score_features, static_argnames=("config", "size"))
+    encode = jax.jit(encode_features, static_argnames=("cfg", "method"))
+    score = jax.jit(score_features, static_argnames=("method", "size"))
     _, first = _timed(encode, params, cfg, jnp.asarray(batches[0][0]), config)
     feats, t_enc = [], 0.0
     for x, _ in batches:
@@ -101,7 +100,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="evaluate outputs (default: a temporary folder)")
     args = ap.parse_args(argv)
 
-    from fiseclip_jax.cli import RANDOM_BANNER, method_config
+    from fiseclip_jax import methods as registry
+    from fiseclip_jax.cli.common import RANDOM_BANNER
     from fiseclip_jax.clip.checkpoint import resolve_weights
     from fiseclip_jax.evaluate import evaluate, list_categories
 
@@ -121,7 +121,7 @@ def main(argv=None):
 
     rows, accuracy = [], []
     for method in methods:
-        config = method_config(method, None, None)
+        config = registry.get(method)
         t0 = time.perf_counter()
         results = evaluate(params, cfg, "mvtec", args.root, config, categories=[args.category], size=args.size,
                            out=out, weights=args.weights, progress=False)

@@ -26,7 +26,7 @@ import numpy as np
 
 from fiseclip_jax import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig, detect_category, get_config, init_clip
 from fiseclip_jax.matching import mutual_scores
-from fiseclip_jax.tta import TTAConfig, adapt
+from fiseclip_jax.methods.tta import TTAConfig, adapt
 
 METHODS = {
     "fiseclip(B=16)": lambda: FiSeCLIPConfig(batch_size=16),

@@ -81,7 +81,7 @@ def pipeline_rows(args, counts):
     from fiseclip_jax.clip.config import get_config
     from fiseclip_jax.detect import _score_jit
     from fiseclip_jax.distributed import make_mesh, replicate, sharded_encode_features
-    from fiseclip_jax.methods.configs import FiSeCLIPConfig, MuScConfig
+    from fiseclip_jax.methods import FiSeCLIPConfig, MuScConfig
     from fiseclip_jax.prompts import TextFeatures
 
     cfg = get_config(args.preset)

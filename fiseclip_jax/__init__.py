@@ -11,12 +11,12 @@ from .clip.modeling import encode_image, encode_text, init_clip
 from .clip.preprocess import preprocess
 from .clip.tokenizer import tokenize
 from .detect import CategoryResult, detect, detect_category, encode_features, score_features
-from .methods.configs import AnoCLIPConfig, FiSeCLIPConfig, MuScConfig
+from . import methods  # the registry: methods.get(name), methods.names(), methods.register(name)
+from .methods import AnoCLIPConfig, Detection, FiSeCLIPConfig, Method, MuScConfig, TTAConfig, default_match_layers
+from .methods.tta import adapt
 from .distributed import make_mesh, ring_mutual_scores, sharded_encode_features
 from . import evaluate  # the module: evaluate.evaluate(...), evaluate.evaluate_category(...)
 from .matching import MutualScores, mutual_scores
-from .methods.scoring import Detection
-from .tta import TTAConfig, adapt
 from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFeatures, text_features, \
     text_features_full
 
@@ -28,5 +28,5 @@ __all__ = [
     "WINCLIP", "convert_clip", "detect", "detect_category", "encode_features", "encode_image", "encode_text",
     "get_config", "init_clip", "load_clip", "preprocess", "resolve_weights", "save_clip", "score_features",
     "text_features", "text_features_full", "tokenize", "make_mesh", "ring_mutual_scores", "sharded_encode_features",
-    "evaluate", "MutualScores", "mutual_scores", "TTAConfig", "adapt",
+    "evaluate", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method", "default_match_layers",
 ]

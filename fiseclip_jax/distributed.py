@@ -1,10 +1,8 @@
-"""Scale-out on JAX's own SPMD: sharded encoding and ring-passed mutual matching (SPEC §4.2–4.3).
+"""Scale-out on JAX's own SPMD: meshes, placement, sharded encoding (SPEC §4.2–4.3).
 
 Images are split along a mesh axis over every device of every process; parameters are
-replicated. `ring_mutual_scores` computes exactly `matching.mutual_scores`, but each device
-keeps only its own query images and passes reference blocks around the device ring with
-`lax.ppermute`: it holds its queries, the block it is matching, the block arriving, and its
-[N_local, P, N] table of d_j(p), from which the mean of the k smallest is taken as on one device.
+replicated. Matching on a mesh is `ring.ring_mutual_scores` (re-exported here), which computes
+exactly `matching.mutual_scores` while each device keeps only its own query images.
 
 Every function takes a `jax.sharding.Mesh`; all its axes together form the batch axis, so a
 1-D mesh from `make_mesh` and a (hosts, local devices) mesh both work. In several processes
@@ -20,10 +18,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .matching import MutualScores, _mean_smallest_k, _nearest_sq_dist
+from .matching import MutualScores
+from .ring import _axes, ring_mutual_scores
 
 
 # ------------------------------------------------------------------ meshes and placement
@@ -51,10 +49,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                                    local_device_ids=local_device_ids,
                                    initialization_timeout=initialization_timeout, **kwargs)
     return jax.process_index(), jax.process_count()
-
-
-def _axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(mesh.axis_names)
 
 
 def _put(x, sharding):
@@ -130,35 +124,25 @@ def to_host(tree):
 
 
 # ------------------------------------------------------------------ sharded encoding
-def _views_first(feats):
-    """encode_features' leaves are batch-first except AnoCLIP's per-view CLS [V, B, D]: swap it."""
-    if feats["cls"].ndim == 3:
-        feats = dict(feats, cls=jnp.swapaxes(feats["cls"], 0, 1))
-    return feats
-
-
 @functools.lru_cache(maxsize=32)
-def _encode_fn(cfg, config, mesh: Mesh, n: int | None):
-    from .detect import encode_features  # detect imports this module
-
+def _encode_fn(cfg, method, mesh: Mesh, n: int | None):
     spec = P(_axes(mesh))
-    local = jax.shard_map(lambda prm, px: _views_first(encode_features(prm, cfg, px, config)),
-                          mesh=mesh, in_specs=(P(), spec), out_specs=spec)
+    local = jax.shard_map(lambda prm, px: method.encode(prm, cfg, px), mesh=mesh, in_specs=(P(), spec),
+                          out_specs=spec)
 
     def run(params, pixels):
-        feats = _views_first(local(params, pixels))  # swap back: the swap is its own inverse
-        if n is None:
-            return feats
-        return {k: (v[:, :n] if k == "cls" and v.ndim == 3 else v[:n]) for k, v in feats.items()}
+        feats = local(params, pixels)
+        return feats if n is None else jax.tree.map(lambda v: v[:n], feats)
 
     return jax.jit(run)
 
 
-def sharded_encode_features(params, cfg, pixels, config, mesh: Mesh, *, return_valid: bool = False):
-    """[N, S, S, 3] -> `detect.encode_features`' dict, the images split over `mesh`, parameters replicated.
+def sharded_encode_features(params, cfg, pixels, method, mesh: Mesh, *, return_valid: bool = False):
+    """[N, S, S, 3] -> `method.encode`'s features (batch-first leaves), the images split over `mesh`,
+    parameters replicated.
 
     N is zero-padded up to a multiple of mesh.size. Default: the padding is cut off, so the
-    result has the shapes of `encode_features`. `return_valid=True`: (features with N_pad rows,
+    result has the shapes of `method.encode`. `return_valid=True`: (features with N_pad rows,
     still sharded, [N_pad] bool valid) — ready for `ring_mutual_scores` without re-layout.
     When N needed padding, the un-padded result is replicated (a jax.Array cannot split an axis
     unevenly); the padded one stays split. Replicate `params` once beforehand (`replicate`, or
@@ -168,75 +152,10 @@ def sharded_encode_features(params, cfg, pixels, config, mesh: Mesh, *, return_v
     pixels, valid = pad_batch(pixels, mesh.size)
     pixels = shard_batch(pixels, mesh)
     unpad = None if return_valid or n == valid.size else n
-    feats = _encode_fn(cfg, config, mesh, unpad)(_onto(params, mesh, split=False), pixels)
+    feats = _encode_fn(cfg, method, mesh, unpad)(_onto(params, mesh, split=False), pixels)
     if return_valid:
         return feats, shard_batch(valid, mesh)
     return feats
-
-
-# ------------------------------------------------------------------ ring matching
-def _ring_local(z, ok, v, *, axes, num_shards: int, alpha: float, chunk: int):
-    """Per device: [b, P, C], [b, P], [b] own images -> MutualScores([b, P], [b]) over all N = num_shards·b."""
-    b, p, _ = z.shape
-    n = num_shards * b
-    me = lax.axis_index(axes)
-    usable = v & jnp.any(ok, axis=1)  # [b] this block's images that can serve as references
-    perm = [(i, (i + 1) % num_shards) for i in range(num_shards)]
-
-    def match(s, ref, table, usable_all):
-        ref_z, ref_ok, ref_usable = ref
-        src = (me - s) % num_shards  # the block held at step s started on device me - s
-        d2 = _nearest_sq_dist(z, ref_z, ref_ok, chunk)  # [b, P, b]
-        table = lax.dynamic_update_slice(table, d2, (0, 0, src * b))
-        usable_all = lax.dynamic_update_slice(usable_all, ref_usable, (src * b,))
-        return table, usable_all
-
-    def step(s, carry):
-        ref, table, usable_all = carry
-        incoming = lax.ppermute(ref, axes, perm)  # sent while this block is matched
-        table, usable_all = match(s, ref, table, usable_all)
-        return incoming, table, usable_all
-
-    table = lax.pcast(jnp.zeros((b, p, n), jnp.float32), axes, to="varying")
-    usable_all = lax.pcast(jnp.zeros((n,), bool), axes, to="varying")
-    ref = (z, ok, usable)
-    ref, table, usable_all = lax.fori_loop(0, num_shards - 1, step, (ref, table, usable_all))
-    table, usable_all = match(num_shards - 1, ref, table, usable_all)
-
-    own = me * b + jnp.arange(b)  # global indices of this device's queries
-    pair_ok = v[:, None] & usable_all[None, :] & (own[:, None] != jnp.arange(n)[None, :])
-    return _mean_smallest_k(table, pair_ok, alpha)
-
-
-def ring_mutual_scores(features, allowed=None, valid=None, *, mesh: Mesh, alpha: float = 0.3,
-                       chunk_size: int = 8) -> MutualScores:
-    """`matching.mutual_scores` with the images split over `mesh` (SPEC §4.2, §4.3 steps 3–4).
-
-    [N, P, C], [N, P] bool, [N] bool -> MutualScores([N, P], [N]). N is padded up to a
-    multiple of mesh.size with invalid rows (which neither query nor serve as references).
-    Each device matches its N/D queries against one block of N/D references at a time
-    (chunked by `chunk_size` images), while the next block arrives over `ppermute`; after D
-    steps it holds d_j(p) for every reference j and applies the k = max(1, ⌊alpha·n_i⌋) rule.
-    Pure and jit-able (`mesh`, `alpha`, `chunk_size` static); `ring_mutual_scores_jit` is jitted.
-    Peak memory per device ≈ (N/D)·P·chunk·P + (N/D)·P·N float32.
-    """
-    features = jnp.asarray(features, jnp.float32)
-    n, p, _ = features.shape
-    allowed = jnp.ones((n, p), bool) if allowed is None else jnp.asarray(allowed, bool)
-    valid = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-    d = mesh.size
-    pad = (-n) % d
-    if pad:
-        features = jnp.pad(features, ((0, pad), (0, 0), (0, 0)))
-        allowed = jnp.pad(allowed, ((0, pad), (0, 0)))
-        valid = jnp.pad(valid, (0, pad))
-    b = (n + pad) // d
-    axes = _axes(mesh)
-    spec = P(axes)
-    body = functools.partial(_ring_local, axes=axes, num_shards=d, alpha=alpha,
-                             chunk=max(1, min(int(chunk_size), b)))
-    out = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(features, allowed, valid)
-    return MutualScores(out.scores[:n], out.num_refs[:n]) if pad else out
 
 
 _ring_jit = jax.jit(ring_mutual_scores, static_argnames=("mesh", "alpha", "chunk_size"))

@@ -34,7 +34,7 @@ from .detect import detect_category
 from .metrics import image_metrics, pixel_metrics
 from .overlay import side_by_side
 from .report import clean, percents, write_tables
-from .runner import atomic_write_text, config_record, library_versions, overlay_name
+from .outputs import atomic_write_text, library_versions, overlay_name
 
 DATASETS = ("mvtec", "visa", "folder")
 MASK_RULES = {"resize>0.5": "resize>0.5", "resize": "resize>0.5", "strict": "strict"}
@@ -62,19 +62,15 @@ def list_categories(dataset: str, root, categories=None, masks=None) -> list[Cat
     return [list_folder(root, masks, name=categories[0] if categories else None)]
 
 
-def method_name(config) -> str:
-    return config_record(config)["method"]
-
-
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
 
 
-def run_config(cfg, config, *, dataset, root, masks, size, aupro, mask_rule, weights, seed,
+def run_config(cfg, method, *, dataset, root, masks, size, aupro, mask_rule, weights, seed,
                encode_batch) -> dict:
     """Everything a result depends on; resume compares it key by key (JSON-normalised)."""
     return _jsonable({
-        "method": method_name(config), "method_config": config_record(config), "clip": cfg.to_dict(),
+        "method": method.label, "method_config": method.record(), "clip": cfg.to_dict(),
         "weights": weights, "random_weights": weights.startswith("random:"), "seed": seed,
         "dataset": dataset, "root": str(Path(root).resolve()),
         "masks": None if masks is None else str(Path(masks).resolve()),
@@ -167,13 +163,13 @@ def _progress_factory(enabled: bool, label: str):
     return lambda total, desc: tqdm(total=total, desc=label, unit="img", disable=not enabled)
 
 
-def evaluate_category(params, cfg, cat: Category, config, *, size: int, aupro="exact", strict=False,
+def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", strict=False,
                       encode_batch=8, progress=True, mesh=None) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps [N, S, S], masks [N, S, S] | None).
 
     Image metrics need every label; pixel metrics also need the dataset's masks."""
     t0 = time.perf_counter()
-    result = detect_category(params, cfg, [s.path for s in cat.samples], cat.class_name, config, size=size,
+    result = detect_category(params, cfg, [s.path for s in cat.samples], cat.class_name, method, size=size,
                              encode_batch=encode_batch, progress=progress, mesh=mesh)
     scores = np.asarray(result.image_scores, np.float64)
     maps = np.asarray(result.anomaly_maps)
@@ -204,11 +200,11 @@ def evaluate_category(params, cfg, cat: Category, config, *, size: int, aupro="e
     return record, scores, maps, masks
 
 
-def evaluate(params, cfg, dataset: str, root, config, *, categories=None, size: int | None, out, masks=None,
+def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: int | None, out, masks=None,
              resume: bool = False, aupro: str = "exact", mask_rule: str = "resize>0.5",
              overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
              seed: int = 0, encode_batch: int = 8) -> dict:
-    """Evaluate `config` on categories of a dataset; returns the results.json record:
+    """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
     {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
 
     dataset: "mvtec" | "visa" | "folder" (then `root` is the folder, `masks` its masks folder);
@@ -228,9 +224,8 @@ def evaluate(params, cfg, dataset: str, root, config, *, categories=None, size: 
     for cat in cats:  # every file checked before hours of compute; errors name the files
         validate_category(cat)
 
-    method = method_name(config)
-    base = Path(out) / method / dataset
-    current = run_config(cfg, config, dataset=dataset, root=root, masks=masks, size=size, aupro=aupro,
+    base = Path(out) / method.label / dataset
+    current = run_config(cfg, method, dataset=dataset, root=root, masks=masks, size=size, aupro=aupro,
                          mask_rule=mask_rule, weights=weights, seed=seed, encode_batch=encode_batch)
     done_before = set()
     if resume:  # check everything before computing anything
@@ -248,7 +243,7 @@ def evaluate(params, cfg, dataset: str, root, config, *, categories=None, size: 
     if current["random_weights"]:
         run["warning"] = "random weights: every metric is meaningless"
     atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
-    header = {"method": method, "dataset": dataset, "size": size, "mask_rule": mask_rule, "aupro": aupro,
+    header = {"method": method.label, "dataset": dataset, "size": size, "mask_rule": mask_rule, "aupro": aupro,
               "metric_resolution": f"{size}x{size}", "weights": weights,
               "random_weights": current["random_weights"]}
 
@@ -261,7 +256,7 @@ def evaluate(params, cfg, dataset: str, root, config, *, categories=None, size: 
                 print(f"{label}: done before, skipped (--resume)", file=sys.stderr)
             continue
         record, scores, maps, gt = evaluate_category(
-            params, cfg, cat, config, size=size, aupro=aupro, strict=mask_rule == "strict",
+            params, cfg, cat, method, size=size, aupro=aupro, strict=mask_rule == "strict",
             encode_batch=encode_batch, progress=_progress_factory(progress, label), mesh=mesh)
         record["run_config"] = current
         t0 = time.perf_counter()

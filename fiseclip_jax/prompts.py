@@ -98,15 +98,21 @@ def clean_class_name(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+# Prompt sets by name: class name -> PromptSet ("anoclip" picks texture phrases for MVTec textures).
+PROMPT_SETS = {
+    "winclip": lambda class_name: WINCLIP,
+    "anoclip": lambda class_name: ANOCLIP_TEXTURE if clean_class_name(class_name) in MVTEC_TEXTURES
+    else ANOCLIP_OBJECT,
+}
+
+
 def get_prompt_set(prompts: "str | PromptSet", class_name: str) -> PromptSet:
-    """Resolve 'winclip' | 'anoclip' (texture phrases for MVTec textures) | a PromptSet."""
+    """Resolve a name of PROMPT_SETS ('winclip' | 'anoclip') or a PromptSet."""
     if isinstance(prompts, PromptSet):
         return prompts
-    if prompts == "winclip":
-        return WINCLIP
-    if prompts == "anoclip":
-        return ANOCLIP_TEXTURE if clean_class_name(class_name) in MVTEC_TEXTURES else ANOCLIP_OBJECT
-    raise ValueError(f"unknown prompt set {prompts!r}; use 'winclip', 'anoclip' or a PromptSet")
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompts!r}; use one of {sorted(PROMPT_SETS)} or a PromptSet")
+    return PROMPT_SETS[prompts](class_name)
 
 
 class TextFeatures(NamedTuple):

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from .runner import atomic_write_text
+from .outputs import atomic_write_text
 
 METRIC_NAMES = ("image_AUROC", "image_AP", "image_F1Max",
                 "pixel_AUROC", "pixel_AP", "pixel_F1Max", "pixel_AUPRO")

@@ -3,49 +3,17 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
-import os
-import platform
 from pathlib import Path
-
 
 from .data import list_folder, load_image
 from .detect import detect_category
+from .outputs import atomic_write_text, library_versions, overlay_name
 from .overlay import side_by_side
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("fiseclip-jax", "jax", "jaxlib", "flax", "optax", "numpy", "transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def config_record(config) -> dict:
-    """A JSON-able description of a method config (nested configs included)."""
-    d = dataclasses.asdict(config)
-    d["method"] = config.name if not getattr(config, "tta", None) else "anoclip+"
-    return d
-
-
-def overlay_name(rel: str) -> str:
-    return rel.replace(os.sep, "__").rsplit(".", 1)[0] + ".png"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, encode_batch=8,
+def run_detect(params, cfg, folder, method, *, class_name=None, out, size=None, encode_batch=8,
                progress=True, random_weights=False, weights="", seed=0, mesh=None) -> Path:
     folder, out = Path(folder), Path(out)
     category = list_folder(folder)
@@ -55,7 +23,7 @@ def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, 
         raise ValueError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     paths = [Path(s.path) for s in category.samples]
     images = [load_image(p) for p in paths]  # errors name the file
-    result = detect_category(params, cfg, images, class_name, config, size=size, encode_batch=encode_batch,
+    result = detect_category(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
                              progress=progress, mesh=mesh)
 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -72,7 +40,7 @@ def run_detect(params, cfg, folder, config, *, class_name=None, out, size=None, 
     record = {
         "command": "detect", "folder": str(folder), "class_name": class_name, "size": size,
         "weights": weights, "random_weights": random_weights, "clip": cfg.to_dict(), "seed": seed,
-        "config": config_record(config), "versions": library_versions(), "num_images": len(paths),
+        "config": method.record(), "versions": library_versions(), "num_images": len(paths),
         "overlay_scale": [vmin, vmax], "devices": 1 if mesh is None else int(mesh.size),
     }
     if random_weights:

@@ -84,12 +84,12 @@ def check_ring(meshes):
 def check_encoder(mesh4, mesh8):
     from fiseclip_jax.detect import _encode_jit
     from fiseclip_jax.distributed import replicate, sharded_encode_features
-    from fiseclip_jax.methods.configs import AnoCLIPConfig, FiSeCLIPConfig
+    from fiseclip_jax.methods import AnoCLIPConfig, FiSeCLIPConfig
 
     cfg, params, pixels = encoder_case()
     fiseclip, anoclip = FiSeCLIPConfig(), AnoCLIPConfig(views=True)
     want = {c: _encode_jit(params, cfg, pixels, c) for c in (fiseclip, anoclip)}
-    # FiSeCLIP (tokens, local, cls) on both meshes; AnoCLIP's per-view CLS [V, B, D] is not batch-first.
+    # FiSeCLIP (tokens, local, cls) on both meshes; AnoCLIP's per-view CLS [B, V, D] on one.
     for config, mesh in ((fiseclip, mesh4), (fiseclip, mesh8), (anoclip, mesh4)):
         what = f"encode {config.name} mesh={dict(mesh.shape)}"
         got = sharded_encode_features(replicate(params, mesh), cfg, pixels, config, mesh)
@@ -107,7 +107,7 @@ def check_encoder(mesh4, mesh8):
 def check_detect_category(mesh):
     from fiseclip_jax.clip.config import get_config
     from fiseclip_jax.detect import detect_category
-    from fiseclip_jax.methods.configs import FiSeCLIPConfig, MuScConfig
+    from fiseclip_jax.methods import FiSeCLIPConfig, MuScConfig
 
     cfg = get_config("tiny")
     params = jax.device_put(random_params(cfg, 1), jax.devices()[0])  # committed, as from load_clip
@@ -139,7 +139,7 @@ def check_detect(mesh):
     """`detect(..., mesh=)` on a batch that does not divide the mesh equals plain `detect`."""
     from fiseclip_jax.clip.config import get_config
     from fiseclip_jax.detect import detect
-    from fiseclip_jax.methods.configs import AnoCLIPConfig, FiSeCLIPConfig
+    from fiseclip_jax.methods import AnoCLIPConfig, FiSeCLIPConfig
 
     cfg = get_config("tiny")
     params = random_params(cfg, 3)
@@ -174,7 +174,7 @@ def process(port: int, process_id: int, out_dir: str):
 
     from fiseclip_jax.distributed import (initialize_distributed, make_mesh, pad_batch, replicate,
                                           ring_mutual_scores_jit, shard_batch, sharded_encode_features, to_host)
-    from fiseclip_jax.methods.configs import FiSeCLIPConfig
+    from fiseclip_jax.methods import FiSeCLIPConfig
 
     initialize_distributed(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=30,
                            heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)

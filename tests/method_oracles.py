@@ -139,4 +139,4 @@ def np_anoclip(local, cls, text, size, c):
         grids = np.stack([ndimage.uniform_filter(m, c.mean_filter, mode="nearest") for m in grids])
     maps = np.stack([np_bilinear_align_corners(m, size) for m in grids])
     probs = np_text_alignment(cls, text, c.tau)
-    return (probs.mean(0) if cls.ndim == 3 else probs), maps
+    return (probs.mean(1) if cls.ndim == 3 else probs), maps  # cls [B, V, D] with views

@@ -91,7 +91,7 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
     assert not out["num_refs"][7:].any()  # the padding row
 
     from fiseclip_jax.detect import _encode_jit
-    from fiseclip_jax.methods.configs import FiSeCLIPConfig
+    from fiseclip_jax.methods import FiSeCLIPConfig
 
     cfg, params, pixels = distributed_worker.encoder_case()
     want_tokens = _encode_jit(params, cfg, pixels, FiSeCLIPConfig())["tokens"]

@@ -11,7 +11,7 @@ from method_oracles import np_anoclip, np_fiseclip, np_musc, np_text_alignment
 
 from fiseclip_jax import (AnoCLIPConfig, FiSeCLIPConfig, MuScConfig, detect, detect_category, get_config,
                           init_clip)
-from fiseclip_jax.methods.scoring import score_anoclip, score_fiseclip, score_musc, text_alignment
+from fiseclip_jax.methods import text_alignment
 
 
 B, NL, G, W, D, S = 5, 2, 4, 8, 6, 16
@@ -43,7 +43,7 @@ FISE_CASES = [FiSeCLIPConfig(r_list=(1, 3), tau=5.0, theta=0.5),
 @pytest.mark.parametrize("config", FISE_CASES)
 def test_fiseclip_matches_numpy(config):
     f = random_feats(2)
-    det = score_fiseclip(f, text(), jnp.ones(B, bool), config, S)
+    det = config.score(f, text(), jnp.ones(B, bool), size=S)
     scores, maps, refs = np_fiseclip(f["tokens"], f["local"], f["cls"], text(), S, config)
     np.testing.assert_array_equal(det.num_refs, refs)
     np.testing.assert_allclose(det.anomaly_maps, maps, atol=2e-5)
@@ -62,10 +62,10 @@ def test_fiseclip_filtered_reference_is_never_used():
     f["local"][1, 5] = t[1]  # ...except the twin
     # LNAMD r=1 normalises per image, so the twin stays a near-exact match after it.
     cfg_on = FiSeCLIPConfig(r_list=(1,), tau=100.0, theta=0.5, fusion_weight=1.0, fusion_norm="fixed", sigma=0.0)
-    on = score_fiseclip(f, t, jnp.ones(2, bool), cfg_on, G)
+    on = cfg_on.score(f, t, jnp.ones(2, bool), size=G)
     f_twin_normal = dict(f, local=f["local"].copy())
     f_twin_normal["local"][1, 5] = t[0]
-    off = score_fiseclip(f_twin_normal, t, jnp.ones(2, bool), cfg_on, G)
+    off = cfg_on.score(f_twin_normal, t, jnp.ones(2, bool), size=G)
     ref_on = np_fiseclip(f["tokens"], f["local"], f["cls"], t, G, cfg_on)[1]
     np.testing.assert_allclose(on.anomaly_maps, ref_on, atol=2e-5)
     # with the twin allowed, patch 0 of image 0 matches far better than with it filtered
@@ -75,7 +75,7 @@ def test_fiseclip_filtered_reference_is_never_used():
 def test_fiseclip_all_references_filtered_falls_back_to_text():
     f = random_feats(4)
     config = FiSeCLIPConfig(r_list=(1,), tau=5.0, theta=0.0)  # A_txt < 0 never holds
-    det = score_fiseclip(f, text(), jnp.ones(B, bool), config, S)
+    det = config.score(f, text(), jnp.ones(B, bool), size=S)
     assert (np.asarray(det.num_refs) == 0).all()
     assert np.isfinite(np.asarray(det.anomaly_maps)).all()
     np.testing.assert_allclose(det.anomaly_maps, np_fiseclip(f["tokens"], f["local"], f["cls"], text(), S, config)[1],
@@ -85,7 +85,7 @@ def test_fiseclip_all_references_filtered_falls_back_to_text():
 def test_musc_matches_numpy():
     f = random_feats(5)
     config = MuScConfig(r_list=(1, 3), k_list=(1, 2, 3))
-    det = score_musc(f, jnp.ones(B, bool), config, S)
+    det = config.score(f, None, jnp.ones(B, bool), size=S)
     scores, maps, refs = np_musc(f["tokens"], f["cls"], S, config)
     np.testing.assert_array_equal(det.num_refs, refs)
     np.testing.assert_allclose(det.anomaly_maps, maps, atol=2e-5)
@@ -96,9 +96,9 @@ def test_musc_matches_numpy():
 def test_anoclip_matches_numpy(views):
     f = random_feats(6)
     if views:
-        f["cls"] = np.random.default_rng(7).normal(size=(22, B, D)).astype(np.float32)
+        f["cls"] = np.random.default_rng(7).normal(size=(B, 22, D)).astype(np.float32)  # batch first
     config = AnoCLIPConfig()
-    det = score_anoclip(f, text(), jnp.ones(B, bool), config, S)
+    det = config.score(f, text(), jnp.ones(B, bool), size=S)
     scores, maps = np_anoclip(f["local"], f["cls"], text(), S, config)
     np.testing.assert_allclose(det.anomaly_maps, maps, atol=1e-6)
     np.testing.assert_allclose(det.image_scores, scores, atol=1e-6)
@@ -221,7 +221,7 @@ def test_fiseclip_minmax_ignores_images_without_references():
     f["local"][:] = t[0]
     f["local"][1:] = t[1]  # images 1 and 2 look abnormal everywhere: never references
     config = FiSeCLIPConfig(r_list=(1,), tau=100.0, theta=0.5, sigma=0.0)
-    det = score_fiseclip(f, t, jnp.ones(3, bool), config, G)
+    det = config.score(f, t, jnp.ones(3, bool), size=G)
     np.testing.assert_array_equal(det.num_refs, [0, 1, 1])
     # image 0 has no reference: text only; images 1, 2 match image 0 only -> their match
     # scores are min-max normalised between themselves

@@ -14,7 +14,7 @@ import pytest
 
 from fiseclip_jax import AnoCLIPConfig, detect, get_config, init_clip, text_features_full
 from fiseclip_jax.prompts import TextFeatures
-from fiseclip_jax.tta import (TTAConfig, adapt, adapt_tokens, apply_adapter, init_adapter, load_adapter_state,
+from fiseclip_jax.methods.tta import (TTAConfig, adapt, adapt_tokens, apply_adapter, init_adapter, load_adapter_state,
                               make_optimizer, save_adapter_state, tta_loss, tta_step)
 
 P, D, M = 9, 16, 6  # patches, embedding dim, sentences per side
@@ -278,13 +278,11 @@ def test_detect_anoclip_plus(tiny_anoclip):
     score stays AnoCLIP's (SPEC §4.5 "Image score unchanged")."""
     from method_oracles import np_anoclip
 
-    from fiseclip_jax.detect import encode_features
-
     params, cfg, px, text = tiny_anoclip
     assert text.normal_sentences.shape[0] == text.abnormal_sentences.shape[0] == 462
     config = AnoCLIPConfig(tta=TTAConfig())
     plus = detect(params, cfg, px, text, config)
-    feats = jax.jit(encode_features, static_argnames=("cfg", "config"))(params, cfg, px, config)
+    feats = jax.jit(config.encode, static_argnames=("cfg",))(params, cfg, px)
     adapted = adapt_tokens(feats["local"], text, config.tta)
     t, cls = np.asarray(text.features), np.asarray(feats["cls"])
     plain_scores, plain_maps = np_anoclip(np.asarray(feats["local"]), cls, t, 32, config)

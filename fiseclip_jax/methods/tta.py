@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .prompts import TextFeatures
+import chex
+
+from ..prompts import TextFeatures
 
 ADAPTERS = ("text", "linear")
 
@@ -185,6 +187,8 @@ def adapt(local, text, config: TTAConfig, key, valid=None, opt_state=None):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _adapt(local, text, config, key, valid, opt_state):
+    chex.assert_rank(local, 3)
+    chex.assert_shape(valid, local.shape[:1])
     b = local.shape[0]
     feats, sentences = stacked_sentences(text, config.adapter)
     keys = image_keys(key, b)
@@ -210,7 +214,7 @@ def _adapt(local, text, config, key, valid, opt_state):
 
 
 def adapt_tokens(local, text, config: TTAConfig, valid=None):
-    """Adapted local tokens [B, P, D] with key(config.seed): the hook `score_features` uses."""
+    """Adapted local tokens [B, P, D] with key(config.seed): what AnoCLIP+'s `score` uses."""
     return adapt(local, text, config, jax.random.key(config.seed), valid)[0]
 
 

@@ -10,21 +10,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..evaluate import evaluate, list_categories
+from .common import RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args
+
 
 def cmd_evaluate(args) -> int:
-    from .cli import RANDOM_BANNER, load_weights, make_run_mesh, method_config
-    from .evaluate import evaluate, list_categories, method_name
-
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
     mesh = make_run_mesh(args)
     params, cfg, is_random = load_weights(args.weights, args.seed)
-    config = method_config(args.method, args.batch_size, args.act, args.seed)
-    evaluate(params, cfg, args.dataset, args.root, config, categories=args.category, size=args.size,
+    method = method_from_args(args)
+    evaluate(params, cfg, args.dataset, args.root, method, categories=args.category, size=args.size,
              out=args.out, masks=args.masks, resume=args.resume, aupro=args.aupro,
              mask_rule="strict" if args.mask_rule == "strict" else "resize>0.5",
              overlays_per_category=args.overlays, progress=not args.no_progress, weights=args.weights,
              seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh)
-    base = Path(args.out) / method_name(config) / args.dataset
+    base = Path(args.out) / method.label / args.dataset
     print((base / "results.md").read_text(), end="")
     print(f"\nwrote {base}/results.md, results.csv, results.json, run.json and one folder per category")
     if is_random:
@@ -32,7 +32,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def add_evaluate_parser(sub, add_method_args) -> None:
+def add_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="metrics of a method on MVTec AD, VisA or a labelled folder "
                        "(anomalib-style tables; resumable)")
     e.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True)

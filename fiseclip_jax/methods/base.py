@@ -1,0 +1,142 @@
+"""What a method is (the plug-in protocol), the registry that finds methods by name, and `Detection`.
+
+A method is one frozen, hashable dataclass: its options are its fields, and the instance is
+the static argument of the jitted `detect`. It carries two pure functions,
+
+    encode(params, cfg, pixels [B, S, S, 3]) -> features: dict of arrays, batch axis first
+    score(features, text, valid [B], *, size, mesh=None) -> Detection
+
+and says how it groups images (`group`: images per scoring call, None = the whole category).
+`detect`, `evaluate`, the runner and the CLI only ever talk to this protocol, so a new method
+is one file with one `@register("name")` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
+
+import jax.numpy as jnp
+
+from ..clip.config import CLIPConfig
+from ..prompts import TextFeatures
+
+
+class Detection(NamedTuple):
+    """image_scores [B]; anomaly_maps [B, S, S]; num_refs [B] references each image was matched
+    against (0: no reference, the map fell back to text only; -1: the method does not match)."""
+
+    image_scores: jnp.ndarray
+    anomaly_maps: jnp.ndarray
+    num_refs: jnp.ndarray
+
+
+class Method:
+    """Base of every method config (subclasses are frozen dataclasses).
+
+    Class attributes: `name` (the registry name), `prompts` (a prompt set name, or None for
+    a method without text; may also be a field), `run_options` (which common run options —
+    "batch_size", "act", "seed" — map to which dotted field, see `with_run_options`) and
+    `encoding_fields` (the fields that change `encode`'s output; the others only change
+    `score`).
+    """
+
+    name: ClassVar[str] = ""
+    prompts: Optional[str] = None
+    run_options: ClassVar[dict[str, str]] = {}
+    encoding_fields: ClassVar[tuple[str, ...]] = ()
+
+    # -- what a subclass provides ---------------------------------------------------------
+    def encode(self, params, cfg: CLIPConfig, pixels) -> dict:
+        """Everything `score` needs from one forward pass, every leaf batch-first. Pure, jit-able."""
+        raise NotImplementedError
+
+    def score(self, feats: dict, text: TextFeatures, valid, *, size: int, mesh=None) -> Detection:
+        """Scores and maps of one group of images from its features. Pure, jit-able (self, size, mesh static)."""
+        raise NotImplementedError
+
+    def group(self, n: int, encode_batch: int) -> Optional[int]:
+        """Images per scoring call for a category of n images; None: the whole category at once."""
+        return encode_batch
+
+    # -- shared behaviour -----------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        """The name this configuration is registered under (e.g. "anoclip+" for AnoCLIP with an adapter)."""
+        return self.name
+
+    def clip_config(self, cfg: CLIPConfig) -> CLIPConfig:
+        """The CLIP config `encode` runs with (a method may override e.g. the activation, SPEC §8)."""
+        return cfg
+
+    def with_run_options(self, **options) -> "Method":
+        """Apply the common run options this method takes (None values and options it does not take are
+        ignored): e.g. FiSeCLIP maps batch_size to its matching batch, MuSc act to its activation override."""
+        out = self
+        for key, value in options.items():
+            path = self.run_options.get(key)
+            if path is not None and value is not None:
+                out = replace_path(out, path, value)
+        return out
+
+    def record(self) -> dict:
+        """A JSON-able description: every field (nested configs included) and "method": the label."""
+        return {**dataclasses.asdict(self), "method": self.label}
+
+
+def replace_path(config, path: str, value):
+    """`dataclasses.replace` along a dotted path ("tta.seed"); a None intermediate leaves config unchanged."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(config, **{head: value})
+    inner = getattr(config, head)
+    if inner is None:
+        return config
+    return dataclasses.replace(config, **{head: replace_path(inner, rest, value)})
+
+
+def as_text(text) -> TextFeatures:
+    """TextFeatures, or a bare [2, D] (normal, abnormal) array wrapped as one with no sentences."""
+    if isinstance(text, TextFeatures):
+        return text
+    text = jnp.asarray(text)
+    if text.ndim != 2 or text.shape[0] != 2:
+        raise ValueError(f"text must be TextFeatures or [2, D] (normal, abnormal), got {text.shape}")
+    empty = jnp.zeros((0, text.shape[1]), text.dtype)
+    return TextFeatures(text, empty, empty)
+
+
+# ------------------------------------------------------------------ registry
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str, factory: Optional[Callable[..., Method]] = None):
+    """Register a method under `name`: `@register("musc")` on the class, or
+    `register("anoclip+", lambda **kw: AnoCLIPConfig(tta=TTAConfig(), **kw))` for a preset."""
+
+    def add(f):
+        if name in _REGISTRY:
+            raise ValueError(f"a method named {name!r} is already registered")
+        _REGISTRY[name] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (tests that register toy methods clean up with it)."""
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str, **overrides: Any) -> Method:
+    """The method registered as `name`, built with `overrides` as field values."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(names())}") from None
+    return factory(**overrides)
+
+
+def names() -> tuple[str, ...]:
+    """Registered method names, in registration order."""
+    return tuple(_REGISTRY)

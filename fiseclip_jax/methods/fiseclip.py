@@ -1,0 +1,97 @@
+"""FiSeCLIP reconstruction: batch feature matching with text filtering and restored local semantics
+(SPEC §4.3). Every (open) item of SPEC §4.3 is a field; defaults are provisional (not yet measured with
+pretrained weights; they follow the closest published method)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import chex
+import jax.numpy as jnp
+
+from ..postprocess import gaussian_blur, minmax_normalise, upsample_bilinear
+from .base import Detection, Method, as_text, register
+from .common import encode_matching, grid_maps, match_layers, matching_scores, text_alignment
+
+
+def check_choice(value, allowed, field):
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+
+
+@register("fiseclip")
+@dataclasses.dataclass(frozen=True)
+class FiSeCLIPConfig(Method):
+    """FiSeCLIP reconstruction (SPEC §4.3). Provisional defaults are marked (open)."""
+
+    layers: Optional[tuple[int, ...]] = None  # matching tokens; None -> default_match_layers
+    r_list: tuple[int, ...] = (1, 3, 5)
+    alpha: float = 0.3
+    local: str = "qq"  # (open) restored local semantics: "qq" | "qq+kk" | "vv" | "identity"
+    local_blocks: int = 1  # (open) how many final blocks use `local`
+    prompts: str = "winclip"
+    tau: float = 100.0  # CLIP's logit scale for the text branch
+    text_filter: str = "threshold"  # (open) "threshold" (A_txt < theta) | "share" (lowest 1 - rho)
+    theta: float = 0.5  # (open)
+    rho: float = 0.2  # (open)
+    batch_size: int = 16  # images per batch; 0 = the whole category
+    fusion_weight: float = 0.5  # (open) w in A = w norm(A_match) + (1 - w) A_txt
+    fusion_norm: str = "minmax"  # (open) "minmax" over the batch | "fixed": A_match / match_scale
+    match_scale: float = 1.0  # used by fusion_norm="fixed"
+    sigma: float = 4.0
+    align_corners: bool = True
+    image_score: str = "sum"  # (open) "sum": mean of batch-min-max(max map) and (CLS text score); "max"
+    chunk_size: int = 4
+
+    name = "fiseclip"
+    run_options = {"batch_size": "batch_size"}
+    encoding_fields = ("layers", "local", "local_blocks")
+
+    def __post_init__(self):
+        check_choice(self.text_filter, ("threshold", "share"), "text_filter")
+        check_choice(self.fusion_norm, ("minmax", "fixed"), "fusion_norm")
+        check_choice(self.image_score, ("sum", "max"), "image_score")
+        check_choice(self.local, ("qq", "qq+kk", "vv", "identity"), "local")
+
+    def group(self, n, encode_batch):
+        return None if self.batch_size == 0 or self.batch_size >= n else self.batch_size
+
+    def encode(self, params, cfg, pixels):
+        return encode_matching(params, cfg, pixels, match_layers(cfg, self.layers), self.local, self.local_blocks)
+
+    def reference_filter(self, a_txt, valid):
+        """[B, P] allowed reference patches (SPEC §4.3 step 3): text filters the references."""
+        if self.text_filter == "threshold":
+            allowed = a_txt < self.theta
+        else:  # keep the (1 - rho) share of each image's patches with the lowest text score
+            p = a_txt.shape[1]
+            keep = max(1, int(round((1.0 - self.rho) * p)))
+            rank = jnp.argsort(jnp.argsort(a_txt, axis=1), axis=1)
+            allowed = rank < keep
+        return allowed & valid[:, None]
+
+    def score(self, feats, text, valid, *, size, mesh=None):
+        """SPEC §4.3 steps 2–7."""
+        chex.assert_rank([feats["local"], feats["cls"]], [3, 2])
+        text = as_text(text).features
+        a_txt = text_alignment(feats["local"], text, self.tau)  # step 2
+        allowed = self.reference_filter(a_txt, valid)  # step 3
+        a_match, num_refs = matching_scores(feats["tokens"], valid, allowed, self.r_list, self.alpha,
+                                            self.chunk_size, mesh)  # step 4
+        if self.fusion_norm == "minmax":  # step 5: matching filters the text
+            # images without any reference (score 0) must not set the batch minimum
+            a_match = minmax_normalise(a_match, valid=valid & (num_refs > 0))
+        else:
+            a_match = a_match / self.match_scale
+        fused = self.fusion_weight * a_match + (1.0 - self.fusion_weight) * a_txt
+        fused = jnp.where(num_refs[:, None] > 0, fused, a_txt)  # no reference: text only
+        maps = gaussian_blur(upsample_bilinear(grid_maps(fused), size, self.align_corners), self.sigma)
+        maps = maps * valid[:, None, None]
+        map_max = jnp.max(maps, axis=(1, 2))  # step 7
+        if self.image_score == "max":
+            scores = map_max
+        else:
+            cls_score = text_alignment(feats["cls"], text, self.tau)
+            scores = 0.5 * (minmax_normalise(map_max, valid=valid) + minmax_normalise(cls_score, valid=valid))
+        return Detection(scores * valid, maps, num_refs)
