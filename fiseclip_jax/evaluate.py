@@ -31,6 +31,7 @@ import numpy as np
 
 from .data import Category, list_folder, list_mvtec, list_visa, load_image, load_mask, validate_category
 from .detect import detect_category
+from .errors import FiseclipError
 from .metrics import image_metrics, pixel_metrics
 from .overlay import side_by_side
 from .report import clean, percents, write_tables
@@ -41,7 +42,7 @@ MASK_RULES = {"resize>0.5": "resize>0.5", "resize": "resize>0.5", "strict": "str
 AUPRO_VARIANTS = ("exact", "legacy")
 
 
-class ResumeError(ValueError):
+class ResumeError(FiseclipError):
     """--resume found results made with a different configuration."""
 
 

@@ -1,49 +1,311 @@
-"""`run_detect`: a folder of images in, scores.csv + overlays + run.json out (the `detect` command)."""
+"""`run_detect`: a folder of images in; scores.csv, overlays/ and run.json out (the `detect` command).
+
+A run never loses work:
+  * everything is checked before any computing (`plan_detect`: the folder holds images, `--out` is a
+    folder that can be written, is not inside the input folder and holds no earlier results unless
+    `overwrite` or `resume`);
+  * each scored batch is written as soon as it is done: its rows into scores.csv (rewritten
+    atomically), its maps into OUT/.partial/; a whole-category method (MuSc) also keeps each encode
+    batch's features there, so a resumed run does not encode again;
+  * `resume=True` scores only what is missing; the final files equal an uninterrupted run's, since
+    batches are formed the same way every time;
+  * an unreadable image becomes a row with an `error` and no score (`strict=True` stops instead);
+  * overlays (one colour scale for the folder) and run.json are written last; run.json exists only
+    when scores.csv is complete, and .partial/ is then removed.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import os
+import shutil
+import threading
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Callable
 
-from .data import list_folder, load_image
-from .detect import detect_category
+import numpy as np
+
+from .data import Category, image_size, infer_class_name, list_folder, load_image
+from .detect import category_groups, few_images_message, iter_detect
+from .errors import FiseclipError
 from .outputs import atomic_write_text, library_versions, overlay_name
 from .overlay import side_by_side
+from .prompts import text_features_full
+
+OUTPUTS = ("scores.csv", "run.json", "overlays", ".partial")  # what a detect run writes into --out
+COLUMNS = ("file", "score", "label", "error")
+# One lock for every write of a run: an interrupt waits for the write in progress, then exits.
+WRITE_LOCK = threading.Lock()
 
 
-def run_detect(params, cfg, folder, method, *, class_name=None, out, size=None, encode_batch=8,
-               progress=True, random_weights=False, weights="", seed=0, mesh=None) -> Path:
+class ResumeError(FiseclipError):
+    """--resume found results of a different run configuration."""
+
+
+@dataclasses.dataclass
+class DetectPlan:
+    """What a detect run reads and writes, checked before any weights load (`plan_detect`)."""
+
+    folder: Path
+    out: Path
+    category: Category
+    class_name: str
+    class_name_source: str  # "--class-name" or how it was inferred from the path
+    resume: bool
+    strict: bool
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(s.path) for s in self.category.samples]
+
+    @property
+    def rels(self) -> list[str]:
+        return [str(p.relative_to(self.folder)) for p in self.paths]
+
+
+@dataclasses.dataclass
+class Status:
+    """How far a run is: images finished (scored or failed) of the total."""
+
+    done: int = 0
+    total: int = 0
+
+
+def check_out(out: Path, inputs: Path, *, overwrite: bool, resume: bool) -> None:
+    """--out must be (or can become) a writable folder outside the input tree, and hold no earlier
+    results unless `overwrite` (they are cleared) or `resume`."""
+    out, inputs = Path(out), Path(inputs)
+    if out.exists() and not out.is_dir():
+        raise FiseclipError(f"--out {out}: exists and is not a folder")
+    resolved, source = out.resolve(), inputs.resolve()
+    if resolved == source or source in resolved.parents:
+        raise FiseclipError(f"--out {out} is inside the input folder {inputs}: the next run would read its outputs "
+                            "as images; choose a folder outside it")
+    ancestor = resolved
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FiseclipError(f"--out {out}: cannot create it, {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FiseclipError(f"--out {out}: cannot write into {ancestor} (permission denied)")
+    if overwrite and resume:
+        raise FiseclipError("--overwrite and --resume exclude each other: choose one")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise FiseclipError(f"--out {out} is not empty: pass --overwrite to replace what is there "
+                            "or --resume to finish an interrupted run")
+
+
+def plan_detect(folder, out, *, class_name=None, overwrite=False, resume=False, strict=False) -> DetectPlan:
+    """Check the input folder and --out before any computing; `overwrite` clears earlier results."""
     folder, out = Path(folder), Path(out)
-    category = list_folder(folder)
-    class_name = class_name or folder.resolve().name
-    size = size or cfg.vision.image_size
-    if size % cfg.vision.patch_size:
-        raise ValueError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
-    paths = [Path(s.path) for s in category.samples]
-    images = [load_image(p) for p in paths]  # errors name the file
-    result = detect_category(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
-                             progress=progress, mesh=mesh)
+    category = list_folder(folder)  # the folder exists and holds images; errors name it
+    check_out(out, folder, overwrite=overwrite, resume=resume)
+    if class_name:
+        source = "--class-name"
+    else:
+        class_name, source = infer_class_name(folder)
+    if overwrite and out.is_dir():
+        for name in OUTPUTS:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return DetectPlan(folder, out, category, class_name, source, resume, strict)
 
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    rels = [str(p.relative_to(folder)) for p in paths]
-    lines = [["file", "score", "label"]] + [
-        [rel, f"{score:.6f}", "" if s.label is None else s.label]
-        for rel, score, s in zip(rels, result.image_scores, category.samples)]
+
+# ------------------------------------------------------------------ on-disk state of a partial run
+class DiskStore(MutableMapping):
+    """{key: {"features": {name: array}, "indices": array, "errors": {index: message}}} as .npz files,
+    written atomically; an unreadable entry reads as missing (it is recomputed, never trusted)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def _path(self, key):
+        return self.folder / f"{key}.npz"
+
+    def __getitem__(self, key):
+        try:
+            with np.load(self._path(key), allow_pickle=False) as z:
+                feats = {k[2:]: z[k] for k in z.files if k.startswith("f/")}
+                return {"features": feats, "indices": z["indices"],
+                        "errors": {int(k): v for k, v in json.loads(str(z["errors"])).items()}}
+        except (OSError, ValueError, KeyError) as err:
+            raise KeyError(key) from err
+
+    def __setitem__(self, key, value):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"f/{k}": np.asarray(v) for k, v in value["features"].items()}
+        tmp = self._path(key).with_suffix(".tmp.npz")
+        np.savez(tmp, indices=np.asarray(value["indices"], int), errors=json.dumps(value["errors"]), **arrays)
+        os.replace(tmp, self._path(key))
+
+    def __delitem__(self, key):
+        self._path(key).unlink()
+
+    def __iter__(self):
+        return (p.stem for p in sorted(self.folder.glob("*.npz")) if not p.stem.endswith(".tmp"))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _read_rows(path: Path) -> dict[str, dict]:
+    try:
+        with open(path, newline="") as f:
+            return {r["file"]: r for r in csv.DictReader(f)}
+    except FileNotFoundError:
+        return {}
+
+
+def _write_rows(path: Path, rels: list[str], rows: dict[str, dict]) -> None:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(lines)
-    atomic_write_text(out / "scores.csv", buf.getvalue())
-    vmin, vmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())
-    for rel, image, amap, score in zip(rels, images, result.anomaly_maps, result.image_scores):
-        side_by_side(image, amap, vmin=vmin, vmax=vmax).save(out / "overlays" / overlay_name(rel))
+    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows[r] for r in rels if r in rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_config(plan: DetectPlan, cfg, method, *, size, encode_batch, weights, seed, devices) -> dict:
+    """Everything the results depend on; a resumed run must match it."""
+    return json.loads(json.dumps({
+        "folder": str(plan.folder.resolve()), "files": plan.rels, "class_name": plan.class_name, "size": size,
+        "weights": weights, "clip": cfg.to_dict(), "config": method.record(), "encode_batch": encode_batch,
+        "seed": seed, "devices": devices}, default=str))
+
+
+def input_notices(paths, size: int) -> tuple[list[str], dict[int, str]]:
+    """Read every header once: (notices for images much smaller than `size` or far from square,
+    {index: error} for files whose header cannot be read)."""
+    notices, errors = [], {}
+    for i, p in enumerate(paths):
+        try:
+            h, w = image_size(p)
+        except FiseclipError as err:
+            errors[i] = str(err)
+            continue
+        if min(h, w) * 2 < size:
+            notices.append(f"{p} is {w}x{h}, much smaller than the input size {size}: it is upsampled")
+        if max(h, w) > 2 * min(h, w):
+            notices.append(f"{p} is {w}x{h}, far from square: it is squashed to {size}x{size}")
+    return notices, errors
+
+
+def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, encode_batch=8, progress=True,
+               random_weights=False, weights="", seed=0, mesh=None, overwrite=False, resume=False, strict=False,
+               plan: DetectPlan | None = None, status: Status | None = None,
+               say: Callable[[str], None] = lambda msg: None) -> dict:
+    """Score every image of `folder` into `out`; returns the run record (also written as run.json),
+    with "errors": {file: message} of images that could not be read."""
+    plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
+                               strict=strict)
+    status = status or Status()
+    size = size or cfg.vision.image_size
+    if size < 1 or size % cfg.vision.patch_size:
+        raise FiseclipError(f"--size {size} must be a positive multiple of the patch size {cfg.vision.patch_size} "
+                            f"of {cfg.name}")
+    paths, rels, out = plan.paths, plan.rels, plan.out
+    n = len(paths)
+    if n < method.min_images:
+        raise FiseclipError(few_images_message(method, n, plan.class_name))
+    status.total = n
+    devices = 1 if mesh is None else int(mesh.size)
+    current = run_config(plan, cfg, method, size=size, encode_batch=encode_batch, weights=weights, seed=seed,
+                         devices=devices)
+    partial = out / ".partial"
+    rows = _read_rows(out / "scores.csv") if plan.resume else {}
+    if plan.resume and (rows or partial.exists() or (out / "run.json").exists()):
+        recorded = _read_state(partial / "run_config.json") or (_read_state(out / "run.json") or {}).get("run_config")
+        if recorded != current:
+            raise ResumeError(f"--resume: {out} holds results of a different run (other folder, weights, method, "
+                              "options or files); use the same options, another --out, or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    (partial / "maps").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(partial / "run_config.json", json.dumps(current))
+    (out / "run.json").unlink(missing_ok=True)  # written again, last, when the results are complete
+
+    notices, header_errors = input_notices(paths, size)
+    for notice in notices:
+        say(f"notice: {notice}")
+    if header_errors and plan.strict:  # --strict: stop at the first unreadable file, before computing
+        raise FiseclipError(header_errors[min(header_errors)])
+
+    groups = category_groups(method, n, encode_batch)
+    done = {g for g, (lo, hi) in enumerate(groups)
+            if (partial / "maps" / f"{g:06d}.npy").exists() and all(rels[i] in rows for i in range(lo, hi))}
+    status.done = sum(hi - lo for g, (lo, hi) in enumerate(groups) if g in done)
+    if done:
+        say(f"resuming: {status.done} of {n} images already scored")
+    if method.prompts is not None:
+        say(f"encoding the {method.prompts} prompts for {plan.class_name!r}")
+        text = text_features_full(params, cfg, plan.class_name, method.prompts)
+    else:
+        text = None
+    say(f"scoring {n - status.done} images with {method.label} at {size}px "
+        f"(the first batch compiles, later ones reuse it)")
+    for res in iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
+                           text=text, progress=progress, mesh=mesh, skip_groups=done,
+                           feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict):
+        lo, hi = groups[res.group]
+        with WRITE_LOCK:
+            np.save(partial / "maps" / f"{res.group:06d}.npy", res.anomaly_maps)
+            for i, score in zip(res.indices, res.image_scores):
+                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=f"{float(score):.6f}")
+            for i, message in res.errors.items():
+                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, error=message)
+            _write_rows(out / "scores.csv", rels, rows)
+            status.done += hi - lo
+
+    say("writing overlays")
+    scale = _overlays(plan, groups, partial, rows)
+    errors = {r: row["error"] for r, row in rows.items() if row.get("error")}
     record = {
-        "command": "detect", "folder": str(folder), "class_name": class_name, "size": size,
-        "weights": weights, "random_weights": random_weights, "clip": cfg.to_dict(), "seed": seed,
-        "config": method.record(), "versions": library_versions(), "num_images": len(paths),
-        "overlay_scale": [vmin, vmax], "devices": 1 if mesh is None else int(mesh.size),
+        "command": "detect", "folder": str(plan.folder), "class_name": plan.class_name,
+        "class_name_source": plan.class_name_source, "size": size, "weights": weights,
+        "random_weights": random_weights, "clip": cfg.to_dict(), "seed": seed, "config": method.record(),
+        "versions": library_versions(), "num_images": n, "num_scored": n - len(errors), "errors": errors,
+        "overlay_scale": scale, "devices": devices, "run_config": current,
     }
     if random_weights:
         record["warning"] = "random weights: scores and maps are meaningless"
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str))
-    return out
+    with WRITE_LOCK:
+        atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str))
+        shutil.rmtree(partial, ignore_errors=True)
+    return record
+
+
+def _row(rel, label, score="", error=""):
+    return {"file": rel, "score": score, "label": "" if label is None else label, "error": error}
+
+
+def _read_state(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _overlays(plan: DetectPlan, groups, partial: Path, rows) -> list[float] | None:
+    """image | heat map for every scored image, on one colour scale for the folder; maps read back
+    one batch at a time from .partial/maps (memory does not grow with the folder)."""
+    files = [partial / "maps" / f"{g:06d}.npy" for g in range(len(groups))]
+    lows, highs = [], []
+    for f in files:
+        m = np.load(f)
+        if m.size:
+            lows.append(float(m.min()))
+            highs.append(float(m.max()))
+    if not lows:
+        return None
+    vmin, vmax = min(lows), max(highs)
+    (plan.out / "overlays").mkdir(exist_ok=True)
+    rels = plan.rels
+    for (lo, hi), f in zip(groups, files):
+        maps = np.load(f)
+        scored = [i for i in range(lo, hi) if rows.get(rels[i], {}).get("score")]
+        for i, amap in zip(scored, maps):
+            side_by_side(load_image(plan.paths[i]), amap, vmin=vmin, vmax=vmax).save(
+                plan.out / "overlays" / overlay_name(rels[i]))
+    return [vmin, vmax]

@@ -56,7 +56,8 @@ def test_detect_errors_are_one_readable_line(tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["detect", str(bad), "--weights", "random:tiny", "--out", str(tmp_path / "o")]) == 2
+    assert main(["detect", str(bad), "--weights", "random:tiny", "--method", "anoclip", "--strict",
+                 "--out", str(tmp_path / "o")]) == 2
     assert "broken.png" in capsys.readouterr().err
     assert main(["detect", str(EXAMPLES), "--weights", "random:tiny", "--size", "33",
                  "--out", str(tmp_path / "o")]) == 2

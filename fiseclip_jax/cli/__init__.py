@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
+from ..clip.checkpoint import CheckpointError
+from ..clip.params import ConversionError
+from ..errors import FiseclipError
 from . import convert, detect, evaluate
 
 COMMANDS = (convert, detect, evaluate)
+# The library's own errors: bad input, explained in their message. Anything else is a bug.
+USER_ERRORS = (FiseclipError, CheckpointError, ConversionError, OSError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `fiseclip-jax detect: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fiseclip-jax", description="Zero-shot industrial anomaly detection with CLIP, "
-                                 "in JAX: FiSeCLIP, AnoCLIP(+), MuSc.")
+    ap = Parser(prog="fiseclip-jax", description="Zero-shot industrial anomaly detection with CLIP, "
+                "in JAX: FiSeCLIP, AnoCLIP(+), MuSc.")
     sub = ap.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)
@@ -29,8 +42,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:  # user errors: one readable line, no traceback
+    except USER_ERRORS as e:  # bad input: one readable line, no traceback
         print(f"fiseclip-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fiseclip-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(f"fiseclip-jax {args.command}: unexpected error (the traceback above is a bug: please report it)",
+              file=sys.stderr)
+        return 3
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import time
+from typing import Callable
 
 from .. import methods
 from ..clip.checkpoint import resolve_weights
@@ -18,22 +22,37 @@ RANDOM_BANNER = """\
 !!! ------------------------------------------------------------------------ !!!"""
 
 
+def count(minimum: int):
+    """argparse type: an integer >= minimum (the error names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    return parse
+
+
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """Options of every command that runs a method (`detect`, `evaluate`)."""
     p.add_argument("--method", choices=methods.names(), default="fiseclip")
     p.add_argument("--weights", required=True,
                    help="a directory made by `convert`, a Hugging Face id (e.g. openai/clip-vit-large-patch14-336), "
                         "or random:PRESET (e.g. random:ViT-B/16) for smoke tests only")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--size", type=count(1), default=None,
                    help="input side S (divisible by the patch size); default: the weights' native size")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=count(0), default=None,
                    help="FiSeCLIP: images per matching batch (0 = whole category; default 16); "
                         "others: images per forward pass (default 8)")
     p.add_argument("--act", choices=("quick_gelu", "gelu"), default=None,
                    help="MuSc only: override the activation (gelu reproduces MuSc's published runs, SPEC §8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and the test-time adapter")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--no-progress", action="store_true", help="no progress bars and no phase messages")
+    p.add_argument("--devices", type=count(1), default=None,
                    help="split batches over N devices (a JAX mesh; matching passes references around "
                         "the device ring); default: one device")
     p.add_argument("--distributed", action="store_true",
@@ -55,9 +74,50 @@ def method_from_args(args) -> methods.Method:
     return methods.get(args.method).with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
 
 
-def load_weights(spec: str, seed: int = 0):
+def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None):
     """(params, cfg, is_random); random weights are announced loudly."""
+    say(f"loading weights {spec}")
     params, cfg, is_random = resolve_weights(spec, seed=seed)
     if is_random:
         print(RANDOM_BANNER.format(spec=spec), file=sys.stderr)
     return params, cfg, is_random
+
+
+def speaker(quiet: bool) -> Callable[[str], None]:
+    """A function that prints phase messages ("[  12.3 s] encoding prompts") to stderr, or nothing."""
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def run_interruptible(work: Callable[[], int], on_interrupt: Callable[[], str], lock: threading.Lock) -> int:
+    """Run `work` in a worker thread so that Ctrl-C is seen at once, even during a long XLA call.
+
+    On Ctrl-C: wait for the write in progress (`lock`), print `on_interrupt()` as one line, exit 130.
+    What was written stays consistent (every write is atomic); the computation in flight is dropped.
+    """
+    result: dict = {}
+
+    def target():
+        try:
+            result["rc"] = work()
+        except BaseException as err:  # re-raised in the main thread
+            result["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        lock.acquire(timeout=10)
+        print(on_interrupt(), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+    if "error" in result:
+        raise result["error"]
+    return result["rc"]

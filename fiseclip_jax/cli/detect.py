@@ -4,27 +4,56 @@ from __future__ import annotations
 
 import sys
 
-from ..runner import run_detect
-from .common import RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args
+from ..detect import few_images_message
+from ..errors import FiseclipError
+from ..runner import WRITE_LOCK, Status, plan_detect, run_detect
+from .common import (RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args,
+                     run_interruptible, speaker)
 
 
 def cmd_detect(args) -> int:
-    mesh = make_run_mesh(args)
-    params, cfg, is_random = load_weights(args.weights, args.seed)
+    say = speaker(args.no_progress)
+    # Everything is checked before the weights load: the folder, --out, the options.
+    plan = plan_detect(args.dir, args.out, class_name=args.class_name, overwrite=args.overwrite,
+                       resume=args.resume, strict=args.strict)
+    say(f"{len(plan.category)} images in {plan.folder}; class name {plan.class_name!r} "
+        f"(from {plan.class_name_source})")
     method = method_from_args(args)
-    out = run_detect(params, cfg, args.dir, method, class_name=args.class_name, out=args.out,
-                     size=args.size, encode_batch=args.batch_size or 8, progress=not args.no_progress,
-                     random_weights=is_random, weights=args.weights, seed=args.seed, mesh=mesh)
-    if is_random:
-        print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
-    print(f"wrote {out / 'scores.csv'} and overlays in {out / 'overlays'}")
-    return 0
+    if len(plan.category) < method.min_images:
+        raise FiseclipError(few_images_message(method, len(plan.category), plan.class_name))
+    mesh = make_run_mesh(args)
+    status = Status(total=len(plan.category))
+
+    def work() -> int:
+        params, cfg, is_random = load_weights(args.weights, args.seed, say)
+        record = run_detect(params, cfg, plan.folder, method, out=plan.out, size=args.size,
+                            encode_batch=args.batch_size or 8, progress=not args.no_progress,
+                            random_weights=is_random, weights=args.weights, seed=args.seed, mesh=mesh, plan=plan,
+                            status=status, say=say)
+        if is_random:
+            print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
+        out = plan.out
+        print(f"wrote {out / 'scores.csv'} ({record['num_scored']} of {record['num_images']} images scored), "
+              f"overlays in {out / 'overlays'} and {out / 'run.json'}")
+        if record["errors"]:
+            print(f"fiseclip-jax detect: {len(record['errors'])} image(s) could not be read and have no score "
+                  f"(the error column of {out / 'scores.csv'} says why)", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_interruptible(work, lambda: f"fiseclip-jax detect: interrupted after {status.done} of {status.total} "
+                             f"images; rerun with --resume to finish", WRITE_LOCK)
 
 
 def add_parser(sub) -> None:
     d = sub.add_parser("detect", help="score every image of a folder and draw its anomaly map")
     d.add_argument("dir", help="folder of images of one product (sub-folders are read too)")
-    d.add_argument("--class-name", default=None, help="product name for the prompts (default: the folder name)")
+    d.add_argument("--class-name", default=None,
+                   help="product name for the prompts (default: from the folder path; MVTec bottle/test -> bottle)")
     add_method_args(d)
     d.add_argument("--out", required=True, help="output folder: scores.csv, overlays/, run.json")
+    d.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    d.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options)")
+    d.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: give it an error row and go on)")
     d.set_defaults(func=cmd_detect)

@@ -9,8 +9,8 @@ from .core import (
     DataError,
     Sample,
 )
-from .folder import list_folder
-from .images import load_image, load_mask
+from .folder import infer_class_name, list_folder
+from .images import image_size, load_image, load_mask
 from .mvtec import list_mvtec
 from .validate import validate_category
 from .visa import list_visa
@@ -23,6 +23,8 @@ __all__ = [
     "Category",
     "DataError",
     "Sample",
+    "image_size",
+    "infer_class_name",
     "list_folder",
     "list_mvtec",
     "list_visa",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..errors import FiseclipError
+
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
@@ -17,7 +19,7 @@ VISA_CATEGORIES = (
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(FiseclipError):
     """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
 
 

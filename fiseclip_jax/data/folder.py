@@ -68,3 +68,24 @@ def list_folder(root, masks=None, name=None) -> Category:
         samples=tuple(samples),
         has_masks=masks_dir is not None,
     )
+
+
+# Folder names of dataset layouts that are not the product: MVTec <class>/test/<defect>, VisA
+# <class>/Data/Images/{Normal,Anomaly}, and the usual split names.
+_LAYOUT_NAMES = {"test", "train", "val", "validation", "good", "ok", "ng", "normal", "anomaly", "defect", "defects",
+                 "images", "data", "ground_truth"}
+
+
+def infer_class_name(folder) -> tuple[str, str]:
+    """(class name for the prompts, how it was found) from a folder path: the folder's own name, or,
+    when that is a layout name (MVTec `bottle/test`, `bottle/test/broken_large`, VisA
+    `candle/Data/Images/Anomaly`), the nearest ancestor that is not. Underscores become spaces."""
+    path = Path(folder).resolve()
+    parts = [path, *path.parents]
+    names = [p.name for p in parts if p.name]
+    for i, name in enumerate(names):
+        under_split = i + 1 < len(names) and names[i + 1].lower() in ("test", "train")
+        if name.lower() not in _LAYOUT_NAMES and not under_split:
+            how = "the folder name" if i == 0 else f"the folder path ({'/'.join(reversed(names[:i + 1]))})"
+            return name.replace("_", " "), how
+    return path.name.replace("_", " "), "the folder name"

@@ -36,15 +36,19 @@ class Method:
 
     Class attributes: `name` (the registry name), `prompts` (a prompt set name, or None for
     a method without text; may also be a field), `run_options` (which common run options —
-    "batch_size", "act", "seed" — map to which dotted field, see `with_run_options`) and
+    "batch_size", "act", "seed" — map to which dotted field, see `with_run_options`),
     `encoding_fields` (the fields that change `encode`'s output; the others only change
-    `score`).
+    `score`), `min_images` and `no_reference` (see below).
     """
 
     name: ClassVar[str] = ""
     prompts: Optional[str] = None
     run_options: ClassVar[dict[str, str]] = {}
     encoding_fields: ClassVar[tuple[str, ...]] = ()
+    # Fewest images a category needs (methods that match images against each other need 2), and what
+    # the map falls back to for an image that has no reference to match.
+    min_images: ClassVar[int] = 1
+    no_reference: ClassVar[str] = ""
 
     # -- what a subclass provides ---------------------------------------------------------
     def encode(self, params, cfg: CLIPConfig, pixels) -> dict:

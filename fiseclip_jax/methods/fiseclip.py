@@ -10,6 +10,7 @@ from typing import Optional
 import chex
 import jax.numpy as jnp
 
+from ..errors import FiseclipError
 from ..postprocess import gaussian_blur, minmax_normalise, upsample_bilinear
 from .base import Detection, Method, as_text, register
 from .common import encode_matching, grid_maps, match_layers, matching_scores, text_alignment
@@ -17,7 +18,7 @@ from .common import encode_matching, grid_maps, match_layers, matching_scores, t
 
 def check_choice(value, allowed, field):
     if value not in allowed:
-        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        raise FiseclipError(f"{field} must be one of {allowed}, got {value!r}")
 
 
 @register("fiseclip")
@@ -46,6 +47,8 @@ class FiSeCLIPConfig(Method):
 
     name = "fiseclip"
     run_options = {"batch_size": "batch_size"}
+    min_images = 2
+    no_reference = "its map is the text branch alone"
     encoding_fields = ("layers", "local", "local_blocks")
 
     def __post_init__(self):

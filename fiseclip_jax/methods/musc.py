@@ -31,6 +31,8 @@ class MuScConfig(Method):
     name = "musc"
     prompts = None
     run_options = {"act": "act"}
+    min_images = 2
+    no_reference = "its map and score are 0"
     encoding_fields = ("layers", "act")
 
     def group(self, n, encode_batch):

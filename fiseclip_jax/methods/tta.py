@@ -45,6 +45,7 @@ import optax
 
 import chex
 
+from ..errors import FiseclipError
 from ..prompts import TextFeatures
 
 ADAPTERS = ("text", "linear")
@@ -67,9 +68,9 @@ class TTAConfig:
 
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+            raise FiseclipError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+            raise FiseclipError(f"steps must be >= 0, got {self.steps}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
 
 
