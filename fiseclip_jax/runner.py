@@ -204,8 +204,7 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     status = status or Status()
     size = size or cfg.vision.image_size
     if size < 1 or size % cfg.vision.patch_size:
-        raise FiseclipError(f"--size {size} must be a positive multiple of the patch size {cfg.vision.patch_size} "
-                            f"of {cfg.name}")
+        raise FiseclipError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     paths, rels, out = plan.paths, plan.rels, plan.out
     n = len(paths)
     if n < method.min_images:
@@ -214,6 +213,11 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     devices = 1 if mesh is None else int(mesh.size)
     current = run_config(plan, cfg, method, size=size, encode_batch=encode_batch, weights=weights, seed=seed,
                          devices=devices)
+    notices, header_errors = input_notices(paths, size)
+    for notice in notices:
+        say(f"notice: {notice}")
+    if header_errors and plan.strict:  # --strict: stop at the first unreadable file, before computing
+        raise FiseclipError(header_errors[min(header_errors)])
     partial = out / ".partial"
     rows = _read_rows(out / "scores.csv") if plan.resume else {}
     if plan.resume and (rows or partial.exists() or (out / "run.json").exists()):
@@ -226,11 +230,6 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     atomic_write_text(partial / "run_config.json", json.dumps(current))
     (out / "run.json").unlink(missing_ok=True)  # written again, last, when the results are complete
 
-    notices, header_errors = input_notices(paths, size)
-    for notice in notices:
-        say(f"notice: {notice}")
-    if header_errors and plan.strict:  # --strict: stop at the first unreadable file, before computing
-        raise FiseclipError(header_errors[min(header_errors)])
 
     groups = category_groups(method, n, encode_batch)
     done = {g for g, (lo, hi) in enumerate(groups)

@@ -60,7 +60,7 @@ def _cases(tmp):
         ("negative batch size", [str(good), "--batch-size", "-3", "--out", str(tmp / "o3")], "--batch-size"),
         ("zero size", [str(good), "--size", "0", "--out", str(tmp / "o4")], "--size"),
         ("negative size", [str(good), "--size", "-16", "--out", str(tmp / "o5")], "--size"),
-        ("size not a multiple of the patch", [str(good), "--size", "20", "--out", str(tmp / "o6")], "patch size"),
+        ("size not a multiple of the patch", [str(good), "--size", "20", "--out", str(tmp / "o6")], "divisible"),
         ("one image for a batch method", [str(one), "--out", str(tmp / "o7")], "needs at least 2"),
         ("overwrite and resume", [str(good), "--overwrite", "--resume", "--out", str(tmp / "o8")], "exclude"),
         ("unknown method", [str(good), "--method", "patchcore", "--out", str(tmp / "o9")], "--method"),
@@ -79,7 +79,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
         err = [line for line in err if not line.startswith("[") and not line.startswith("!!!")]
         assert code == 2, (what, code, err)
         assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], (what, err)
-    for o in ("o1", "o2", "o3", "o4", "o5", "o7", "o8", "o9"):  # nothing computed, nothing created
+    for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "o9"):  # nothing computed, nothing created
         assert not (tmp_path / o).exists(), o
 
 
