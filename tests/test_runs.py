@@ -219,3 +219,20 @@ def test_ctrl_c_exits_quickly_with_one_line_and_consistent_files(tmp_path):
     assert all(r["score"] for r in table) and len(table) % 2 == 0  # whole batches only
     assert not (out / "run.json").exists()
     shutil.rmtree(out / "overlays", ignore_errors=True)
+
+
+def test_probability_scores_stay_in_unit_interval():
+    """Min-max based image scores (FiSeCLIP "sum", MuSc after RsCIN) never leave [0, 1] by float noise."""
+    import jax.numpy as jnp
+
+    import fiseclip_jax as fj
+
+    rng = np.random.default_rng(0)
+    b, g, w, d = 6, 4, 8, 6
+    feats = {"tokens": rng.normal(size=(b, 2, g * g, w)).astype(np.float32),
+             "local": rng.normal(size=(b, g * g, d)).astype(np.float32),
+             "cls": rng.normal(size=(b, d)).astype(np.float32)}
+    text = rng.normal(size=(2, d)).astype(np.float32)
+    for method in (fj.FiSeCLIPConfig(r_list=(1,), tau=5.0, text_filter="share"), fj.MuScConfig(r_list=(1,))):
+        scores = np.asarray(method.score(feats, text, jnp.ones(b, bool), size=8).image_scores)
+        assert scores.min() >= 0.0 and scores.max() <= 1.0

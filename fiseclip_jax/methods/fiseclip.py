@@ -97,4 +97,5 @@ class FiSeCLIPConfig(Method):
         else:
             cls_score = text_alignment(feats["cls"], text, self.tau)
             scores = 0.5 * (minmax_normalise(map_max, valid=valid) + minmax_normalise(cls_score, valid=valid))
+            scores = jnp.clip(scores, 0.0, 1.0)  # a probability-like score: keep float noise (1.000001) out
         return Detection(scores * valid, maps, num_refs)
