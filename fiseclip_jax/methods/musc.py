@@ -52,6 +52,6 @@ class MuScConfig(Method):
                                           self.chunk_size, mesh)
         up = upsample_bilinear(grid_maps(patch), size, self.align_corners)
         raw = jnp.max(up, axis=(1, 2))
-        scores = jnp.clip(rscin(raw, feats["cls"], self.k_list, valid=valid), 0.0, 1.0)  # min-max based: [0, 1]
+        scores = rscin(raw, feats["cls"], self.k_list, valid=valid)  # not a probability: may leave [0, 1]
         maps = gaussian_blur(up, self.sigma)
         return Detection(scores, maps * valid[:, None, None], num_refs)
