@@ -30,38 +30,54 @@ def _k_table(n_max: int, alpha: float) -> np.ndarray:
     return np.array([min(max(1, int(alpha * n)), max(n, 1)) for n in range(n_max + 1)], np.int32)
 
 
-def _nearest_sq_dist(queries, refs, ref_allowed, chunk_size):
-    """[Nq, P, C], [Nr, P, C], [Nr, P] -> [Nq, P, Nr] min over allowed q of ‖z_i(p) − z_j(q)‖², chunked on j."""
-    n, p, c = refs.shape
+def _nearest_sq_dist(queries, refs, ref_allowed, chunk_size, refine: int = 0):
+    """[Nq, P, C], [Nr, Q, C], [Nr, Q] -> [Nq, P, Nr] min over allowed q of ‖z_i(p) − z_j(q)‖², chunked on j.
+
+    Q may differ from P (a reference bank's coreset memory is matched as groups of Q entries).
+    refine > 0: the `refine` nearest candidates found by the expansion below are measured again as
+    ‖a − b‖² directly. The expansion loses ~1e-6 absolute to cancellation, which the square root
+    turns into ~5e-4 for near-duplicate patches (MVTec bottle's background, a tiny CLIP); the
+    re-measured distance is exact to float32 rounding of the difference.
+    """
+    n, q, c = refs.shape
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
     sq = jnp.sum(queries * queries, axis=-1)  # [Nq, P]
-    ref_sq = jnp.sum(refs * refs, axis=-1)  # [Nr, P]
-    ref_z = jnp.pad(refs, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk_size, p, c)
-    ref_sq = jnp.pad(ref_sq, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
-    ref_ok = jnp.pad(ref_allowed, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, p)
+    ref_sq = jnp.sum(refs * refs, axis=-1)  # [Nr, Q]
+    ref_z = jnp.pad(refs, ((0, pad), (0, 0), (0, 0))).reshape(n_chunks, chunk_size, q, c)
+    ref_sq = jnp.pad(ref_sq, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, q)
+    ref_ok = jnp.pad(ref_allowed, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, q)
+    t = min(int(refine), q)
 
     def body(carry, xs):
-        z_ref, z_ref_sq, ok = xs  # [chunk, P, C], [chunk, P], [chunk, P]
-        # ‖a‖² + ‖b‖² − 2a·b, peak memory Nq·P·chunk·P (SPEC §4.2).
+        z_ref, z_ref_sq, ok = xs  # [chunk, Q, C], [chunk, Q], [chunk, Q]
+        # ‖a‖² + ‖b‖² − 2a·b, peak memory Nq·P·chunk·Q (SPEC §4.2).
         dots = jnp.einsum("npc,mqc->npmq", queries, z_ref, precision=_HIGHEST)
         d2 = sq[:, :, None, None] + z_ref_sq[None, None] - 2.0 * dots
         d2 = jnp.where(ok[None, None], jnp.maximum(d2, 0.0), jnp.inf)
-        return carry, jnp.min(d2, axis=-1)  # [Nq, P, chunk]
+        if not t:
+            return carry, jnp.min(d2, axis=-1)  # [Nq, P, chunk]
+        near, idx = lax.top_k(-d2, t)  # [Nq, P, chunk, t] candidates
+        cand = z_ref[jnp.arange(chunk_size)[None, None, :, None], idx]  # [Nq, P, chunk, t, C]
+        exact = jnp.sum(jnp.square(queries[:, :, None, None, :] - cand), axis=-1)
+        return carry, jnp.min(jnp.where(jnp.isfinite(near), exact, jnp.inf), axis=-1)
 
     _, mins = lax.scan(body, None, (ref_z, ref_sq, ref_ok))  # [n_chunks, Nq, P, chunk]
-    mins = jnp.moveaxis(mins, 0, 2).reshape(queries.shape[0], p, n_chunks * chunk_size)
+    mins = jnp.moveaxis(mins, 0, 2).reshape(queries.shape[0], queries.shape[1], n_chunks * chunk_size)
     return mins[:, :, :n]
 
 
-def _mean_smallest_k(d2, pair_ok, alpha: float) -> MutualScores:
+def _mean_smallest_k(d2, pair_ok, alpha: float, max_refs=None) -> MutualScores:
     """[Nq, P, Nr] squared distances, [Nq, Nr] usable pairs -> mean of the k_i smallest distances.
 
     k_i = max(1, ⌊alpha·n_i⌋) with n_i the usable references of query i (SPEC §4.2); rows
-    with n_i = 0 score 0. Shared by `mutual_scores` and the ring of `distributed`.
+    with n_i = 0 score 0. `max_refs` bounds n_i: Nr - 1 (default: the query is one of the
+    references and never its own) or Nr (queries scored against a reference bank). Shared by
+    `mutual_scores`, the ring of `distributed` and the reference bank.
     """
     num_refs = jnp.sum(pair_ok, axis=1).astype(jnp.int32)
-    k_table = _k_table(max(d2.shape[-1] - 1, 0), alpha)  # num_refs <= Nr - 1 (self excluded)
+    n_max = d2.shape[-1] - 1 if max_refs is None else max_refs
+    k_table = _k_table(max(n_max, 0), alpha)
     k = jnp.asarray(k_table)[num_refs]  # [Nq]
     k_max = int(k_table.max())
     # Smallest k_max distances per (i, p); excluded pairs are +inf so they sort last.
