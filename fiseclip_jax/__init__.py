@@ -15,6 +15,7 @@ from . import methods  # the registry: methods.get(name), methods.names(), metho
 from .methods import AnoCLIPConfig, Detection, FiSeCLIPConfig, Method, MuScConfig, TTAConfig, default_match_layers
 from .methods.tta import adapt
 from .distributed import make_mesh, ring_mutual_scores, sharded_encode_features
+from .bank import Bank, bank_threshold, build_bank, detect_with_bank, gate, load_bank, save_bank, update_bank
 from . import evaluate  # the module: evaluate.evaluate(...), evaluate.evaluate_category(...)
 from .matching import MutualScores, mutual_scores
 from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFeatures, text_features, \
@@ -29,4 +30,5 @@ __all__ = [
     "get_config", "init_clip", "load_clip", "preprocess", "resolve_weights", "save_clip", "score_features",
     "text_features", "text_features_full", "tokenize", "make_mesh", "ring_mutual_scores", "sharded_encode_features",
     "evaluate", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method", "default_match_layers",
+    "Bank", "bank_threshold", "build_bank", "detect_with_bank", "gate", "load_bank", "save_bank", "update_bank",
 ]

@@ -9,12 +9,12 @@ A new method: subclass `Method` as a frozen dataclass with `encode`/`score` (and
 matches over the whole category), then `@register("name")` it (see base.py).
 """
 
-from .base import Detection, Method, as_text, get, names, register, replace_path, unregister
+from .base import BankRefs, Detection, Method, as_text, get, names, register, replace_path, unregister
 from .common import default_match_layers, text_alignment
 from .musc import MuScConfig
 from .fiseclip import FiSeCLIPConfig
 from .anoclip import AnoCLIPConfig
 from .tta import TTAConfig
 
-__all__ = ["AnoCLIPConfig", "Detection", "FiSeCLIPConfig", "Method", "MuScConfig", "TTAConfig", "as_text",
+__all__ = ["AnoCLIPConfig", "BankRefs", "Detection", "FiSeCLIPConfig", "Method", "MuScConfig", "TTAConfig", "as_text",
            "default_match_layers", "get", "names", "register", "replace_path", "text_alignment", "unregister"]

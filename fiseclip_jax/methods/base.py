@@ -9,6 +9,10 @@ the static argument of the jitted `detect`. It carries two pure functions,
 and says how it groups images (`group`: images per scoring call, None = the whole category).
 `detect`, `evaluate`, the runner and the CLI only ever talk to this protocol, so a new method
 is one file with one `@register("name")` line.
+
+A method that matches images against references may also score new images against a stored
+reference bank (online inspection, `fiseclip_jax.bank`): it sets `uses_bank = True` and provides
+the four `bank_*` hooks below. The defaults say "this method does not use a bank".
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional
 import jax.numpy as jnp
 
 from ..clip.config import CLIPConfig
+from ..errors import FiseclipError
 from ..prompts import TextFeatures
 
 
@@ -29,6 +34,15 @@ class Detection(NamedTuple):
     image_scores: jnp.ndarray
     anomaly_maps: jnp.ndarray
     num_refs: jnp.ndarray
+
+
+class BankRefs(NamedTuple):
+    """What a method's bank scoring sees of a reference bank: cls [K, D] CLS embeddings of its slots,
+    calib {name: [K]} the normal statistics each slot recorded (`Method.bank_calibrate`), valid [K]."""
+
+    cls: jnp.ndarray
+    calib: dict
+    valid: jnp.ndarray
 
 
 class Method:
@@ -62,6 +76,36 @@ class Method:
     def group(self, n: int, encode_batch: int) -> Optional[int]:
         """Images per scoring call for a category of n images; None: the whole category at once."""
         return encode_batch
+
+    # -- reference bank (online inspection); by default a method does not use one ---------
+    uses_bank: ClassVar[bool] = False
+    # Entries of the per-image statistics (`bank_calibrate`) that must all be at most a quantile of
+    # the bank's normal values for an image to join the bank (gated updates); "score" always first.
+    bank_gate_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _no_bank(self):
+        return FiseclipError(f"{self.label} does not use a reference bank: it scores each image on its own "
+                             "(use `detect` or `watch` without --bank)")
+
+    def bank_match_options(self) -> dict:
+        """{"r_list", "alpha", "chunk_size"}: how the bank matches (LNAMD radii, share of nearest references)."""
+        raise self._no_bank()
+
+    def bank_entries(self, feats: dict, text: TextFeatures, valid) -> dict:
+        """From `encode`'s features: {"tokens" [B, nL, P, W] matching tokens, "allowed" [B, P] patches that may
+        serve as references, "cls" [B, D]} plus whatever `bank_score` needs of a new image. Pure."""
+        raise self._no_bank()
+
+    def bank_calibrate(self, entries: dict, patch_scores, num_refs, valid, *, size: int) -> dict:
+        """Leave-one-out statistics of the bank's own images: patch_scores [K, P] of each against the others,
+        num_refs [K] -> {name: [K]}, with at least "score" (the image score), "map_min" and "map_max". Pure."""
+        raise self._no_bank()
+
+    def bank_score(self, entries: dict, patch_scores, num_refs, refs: BankRefs, valid, *,
+                   size: int) -> tuple[Detection, dict]:
+        """New images against the bank: patch_scores [B, P] matching scores against its references ->
+        (Detection, {name: [B]} the same statistics `bank_calibrate` gives, for gated updates). Pure."""
+        raise self._no_bank()
 
     # -- shared behaviour -----------------------------------------------------------------
     @property

@@ -72,3 +72,21 @@ def grid_maps(patch_scores):
     b, p = patch_scores.shape
     g = int(round(p ** 0.5))
     return patch_scores.reshape(b, g, g)
+
+
+# ------------------------------------------------------------------ reference-bank helpers
+def masked_range(x, ok):
+    """[K] values, [K] bool -> (min, max) over the ok entries ((inf, -inf) when none is)."""
+    return jnp.min(jnp.where(ok, x, jnp.inf)), jnp.max(jnp.where(ok, x, -jnp.inf))
+
+
+def scale_to(x, lo, hi):
+    """(x − lo)/(hi − lo): min-max with a range fixed elsewhere (a bank's normal images); 0 for an empty range."""
+    span = hi - lo
+    ok = jnp.isfinite(span) & (span > 0)
+    return jnp.where(ok, (x - jnp.where(ok, lo, 0.0)) / jnp.where(ok, span, 1.0), 0.0)
+
+
+def map_stats(maps) -> dict:
+    """[B, S, S] -> {"map_min" [B], "map_max" [B]}: what a bank records per image (overlay scale, scores)."""
+    return {"map_min": jnp.min(maps, axis=(1, 2)), "map_max": jnp.max(maps, axis=(1, 2))}

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 from ..errors import FiseclipError
 from ..postprocess import gaussian_blur, minmax_normalise, upsample_bilinear
-from .base import Detection, Method, as_text, register
-from .common import encode_matching, grid_maps, match_layers, matching_scores, text_alignment
+from .base import BankRefs, Detection, Method, as_text, register
+from .common import (encode_matching, grid_maps, map_stats, masked_range, match_layers, matching_scores, scale_to,
+                     text_alignment)
 
 
 def check_choice(value, allowed, field):
@@ -47,6 +48,8 @@ class FiSeCLIPConfig(Method):
 
     name = "fiseclip"
     run_options = {"batch_size": "batch_size"}
+    uses_bank = True
+    bank_gate_keys = ("score", "text_score")  # gated updates: the text branch must agree
     min_images = 2
     no_reference = "its map is the text branch alone"
     encoding_fields = ("layers", "local", "local_blocks")
@@ -99,3 +102,50 @@ class FiSeCLIPConfig(Method):
             scores = 0.5 * (minmax_normalise(map_max, valid=valid) + minmax_normalise(cls_score, valid=valid))
             scores = jnp.clip(scores, 0.0, 1.0)  # a probability-like score: keep float noise (1.000001) out
         return Detection(scores * valid, maps, num_refs)
+
+    # -- reference bank (online inspection, fiseclip_jax.bank) --------------------------------
+    # Batch min-max (fusion_norm="minmax", image_score="sum") has no batch here: the bank's normal
+    # (leave-one-out) range stands in for it. With "fixed" and "max" bank scoring equals batch scoring.
+    def bank_match_options(self):
+        return {"r_list": self.r_list, "alpha": self.alpha, "chunk_size": self.chunk_size}
+
+    def bank_entries(self, feats, text, valid):
+        """SPEC §4.3 steps 2–3 per image: text map [B, P], text-keep mask "allowed" [B, P], CLS text score [B]."""
+        text = as_text(text).features
+        a_txt = text_alignment(feats["local"], text, self.tau)
+        return {"tokens": feats["tokens"], "allowed": self.reference_filter(a_txt, valid), "cls": feats["cls"],
+                "text_map": a_txt, "text_score": text_alignment(feats["cls"], text, self.tau)}
+
+    def _bank_maps(self, entries, a_match, num_refs, match_range, valid, size):
+        """Steps 5–6, A_match normalised by a fixed range (minmax) or scale (fixed)."""
+        a_match = scale_to(a_match, *match_range) if self.fusion_norm == "minmax" else a_match / self.match_scale
+        fused = self.fusion_weight * a_match + (1.0 - self.fusion_weight) * entries["text_map"]
+        fused = jnp.where(num_refs[:, None] > 0, fused, entries["text_map"])  # no reference: text only
+        maps = gaussian_blur(upsample_bilinear(grid_maps(fused), size, self.align_corners), self.sigma)
+        return maps * valid[:, None, None]
+
+    def _bank_stats(self, entries, a_match, num_refs, match_range, map_range, text_range, valid, size):
+        has = valid & (num_refs > 0)
+        maps = self._bank_maps(entries, a_match, num_refs, match_range, valid, size)
+        stats = {"match_lo": jnp.where(has, a_match.min(1), jnp.inf), "match_hi": jnp.where(has, a_match.max(1), -jnp.inf),
+                 "text_score": entries["text_score"], **map_stats(maps)}
+        if map_range is None:  # leave-one-out: the bank's own range, as the batch rule
+            map_range, text_range = masked_range(stats["map_max"], valid), masked_range(stats["text_score"], valid)
+        if self.image_score == "max":
+            stats["score"] = stats["map_max"]
+        else:
+            stats["score"] = 0.5 * (scale_to(stats["map_max"], *map_range) + scale_to(stats["text_score"], *text_range))
+        stats["score"] = stats["score"] * valid
+        return maps, stats
+
+    def bank_calibrate(self, entries, patch_scores, num_refs, valid, *, size):
+        has = valid & (num_refs > 0)
+        match_range = masked_range(patch_scores.min(1), has)[0], masked_range(patch_scores.max(1), has)[1]
+        return self._bank_stats(entries, patch_scores, num_refs, match_range, None, None, valid, size)[1]
+
+    def bank_score(self, entries, patch_scores, num_refs, refs: BankRefs, valid, *, size):
+        c, ok = refs.calib, refs.valid
+        match_range = masked_range(c["match_lo"], ok)[0], masked_range(c["match_hi"], ok)[1]
+        maps, stats = self._bank_stats(entries, patch_scores, num_refs, match_range, masked_range(c["map_max"], ok),
+                                       masked_range(c["text_score"], ok), valid, size)
+        return Detection(stats["score"], maps, num_refs), stats

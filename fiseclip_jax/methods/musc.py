@@ -6,12 +6,13 @@ import dataclasses
 from typing import Optional
 
 import chex
+import jax
 import jax.numpy as jnp
 
 from ..postprocess import gaussian_blur, upsample_bilinear
 from ..rscin import rscin
-from .base import Detection, Method, register
-from .common import encode_matching, grid_maps, match_layers, matching_scores
+from .base import BankRefs, Detection, Method, register
+from .common import encode_matching, grid_maps, map_stats, match_layers, matching_scores
 
 
 @register("musc")
@@ -31,6 +32,8 @@ class MuScConfig(Method):
     name = "musc"
     prompts = None
     run_options = {"act": "act"}
+    uses_bank = True
+    bank_gate_keys = ("score",)  # no text branch to agree
     min_images = 2
     no_reference = "its map and score are 0"
     encoding_fields = ("layers", "act")
@@ -55,3 +58,31 @@ class MuScConfig(Method):
         scores = rscin(raw, feats["cls"], self.k_list, valid=valid)  # not a probability: may leave [0, 1]
         maps = gaussian_blur(up, self.sigma)
         return Detection(scores, maps * valid[:, None, None], num_refs)
+
+    # -- reference bank (online inspection, fiseclip_jax.bank): maps equal batch scoring of bank ∪ {x};
+    # RsCIN re-scores x among the bank's leave-one-out scores and CLS embeddings.
+    def bank_match_options(self):
+        return {"r_list": self.r_list, "alpha": self.alpha, "chunk_size": self.chunk_size}
+
+    def bank_entries(self, feats, text, valid):
+        b, _, p, _ = feats["tokens"].shape
+        return {"tokens": feats["tokens"], "allowed": jnp.broadcast_to(valid[:, None], (b, p)), "cls": feats["cls"]}
+
+    def _bank_maps(self, patch_scores, valid, size):
+        up = upsample_bilinear(grid_maps(patch_scores), size, self.align_corners)
+        return jnp.max(up, axis=(1, 2)), gaussian_blur(up, self.sigma) * valid[:, None, None]
+
+    def bank_calibrate(self, entries, patch_scores, num_refs, valid, *, size):
+        raw, maps = self._bank_maps(patch_scores, valid, size)
+        return {"raw": raw, "score": rscin(raw, entries["cls"], self.k_list, valid=valid), **map_stats(maps)}
+
+    def bank_score(self, entries, patch_scores, num_refs, refs: BankRefs, valid, *, size):
+        raw, maps = self._bank_maps(patch_scores, valid, size)
+
+        def among_bank(raw_i, cls_i, ok_i):  # RsCIN over the bank's images and this one, this one's row
+            scores = jnp.append(refs.calib["raw"], raw_i)
+            cls = jnp.concatenate([refs.cls, cls_i[None]])
+            return rscin(scores, cls, self.k_list, valid=jnp.append(refs.valid, ok_i))[-1]
+
+        scores = jax.vmap(among_bank)(raw, entries["cls"], valid)
+        return Detection(scores, maps, num_refs), {"raw": raw, "score": scores, **map_stats(maps)}
