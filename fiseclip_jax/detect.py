@@ -1,4 +1,5 @@
-"""`detect` (one batch, one jit per shape) and `detect_category` (a whole category in batches)."""
+"""`detect` (one batch, one jit per shape), `detect_category` (a whole category in batches) and
+`iter_detect_bank` (images scored against a reference bank, batch by batch)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bank import Bank, detect_with_bank
 from .clip.config import CLIPConfig
 from .clip.preprocess import preprocess
 from .data import load_image
@@ -244,3 +246,38 @@ def _progress(progress, total, desc):
     if callable(progress) and not isinstance(progress, bool):
         return progress(total=total, desc=desc)
     return tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
+
+
+# ------------------------------------------------------------------ against a reference bank
+def bank_groups(n: int, encode_batch: int = 8) -> list[tuple[int, int]]:
+    """[(lo, hi)] the images each call of `iter_detect_bank` takes: consecutive batches of encode_batch."""
+    return _batches(n, encode_batch)
+
+
+def iter_detect_bank(params, cfg: CLIPConfig, bank: Bank, images: Sequence[Any], *, encode_batch: int = 8,
+                     resample: str = "bicubic", text=None, progress: bool | Callable = True, skip_groups=(),
+                     skip_errors: bool = False) -> Iterator[GroupResult]:
+    """Score images against a reference bank (`bank.detect_with_bank`), one batch at a time: each image's
+    result depends on the bank alone. Method, size and class name come from the bank; batches are padded to
+    one shape (one compilation); `skip_groups` and `skip_errors` as in `iter_detect`."""
+    meta = bank.meta
+    if text is None and meta.method.prompts is not None:
+        text = text_features_full(params, cfg, meta.class_name, meta.method.prompts)
+    groups = bank_groups(len(images), encode_batch)
+    bar = _progress(progress, len(images), meta.class_name)
+    skip_groups = set(skip_groups)
+    try:
+        for g, (lo, hi) in enumerate(groups):
+            if g not in skip_groups:
+                pixels, valid, good, errors = _load_batch(images, lo, hi, meta.size, resample, encode_batch,
+                                                          skip_errors)
+                k = len(good)
+                if pixels is None:
+                    det = Detection(np.zeros((0,), np.float32), np.zeros((0, meta.size, meta.size), np.float32),
+                                    np.zeros((0,), np.int32))
+                else:
+                    det = detect_with_bank(params, cfg, bank, pixels, text, None, valid)
+                yield GroupResult(g, good, *(np.asarray(a)[:k] for a in det), errors)
+            bar.update(hi - lo)
+    finally:
+        bar.close()

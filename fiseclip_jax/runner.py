@@ -12,6 +12,10 @@ A run never loses work:
   * an unreadable image becomes a row with an `error` and no score (`strict=True` stops instead);
   * overlays (one colour scale for the folder) and run.json are written last; run.json exists only
     when scores.csv is complete, and .partial/ is then removed.
+
+With a reference bank (`bank=`, `detect --bank`) each image is scored against the bank alone, and a
+`decision` column says `anomalous` (score above the threshold) or `normal`; the threshold is the
+bank's (1 − fpr) normal-score quantile unless given, and run.json records it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Callable
 import numpy as np
 
 from .data import Category, image_size, infer_class_name, list_folder, load_image
-from .detect import category_groups, few_images_message, iter_detect
+from .bank import bank_digest, bank_threshold
+from .detect import bank_groups, category_groups, few_images_message, iter_detect, iter_detect_bank
 from .errors import FiseclipError
 from .outputs import atomic_write_text, library_versions, overlay_name
 from .overlay import side_by_side
@@ -38,6 +43,7 @@ from .prompts import text_features_full
 
 OUTPUTS = ("scores.csv", "run.json", "overlays", ".partial")  # what a detect run writes into --out
 COLUMNS = ("file", "score", "label", "error")
+DECISION_COLUMNS = ("file", "score", "label", "decision", "error")  # with a bank or a threshold
 # One lock for every write of a run: an interrupt waits for the write in progress, then exits.
 WRITE_LOCK = threading.Lock()
 
@@ -160,20 +166,41 @@ def _read_rows(path: Path) -> dict[str, dict]:
         return {}
 
 
-def _write_rows(path: Path, rels: list[str], rows: dict[str, dict]) -> None:
+def _write_rows(path: Path, rels: list[str], rows: dict[str, dict], columns=COLUMNS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows[r] for r in rels if r in rows)
     atomic_write_text(path, buf.getvalue())
 
 
-def run_config(plan: DetectPlan, cfg, method, *, size, encode_batch, weights, seed, devices) -> dict:
+def run_config(plan: DetectPlan, cfg, method, *, size, encode_batch, weights, seed, devices, bank=None,
+               threshold=None) -> dict:
     """Everything the results depend on; a resumed run must match it."""
     return json.loads(json.dumps({
         "folder": str(plan.folder.resolve()), "files": plan.rels, "class_name": plan.class_name, "size": size,
         "weights": weights, "clip": cfg.to_dict(), "config": method.record(), "encode_batch": encode_batch,
-        "seed": seed, "devices": devices}, default=str))
+        "seed": seed, "devices": devices, "bank": None if bank is None else bank_digest(bank),
+        "threshold": threshold}, default=str))
+
+
+def resolve_threshold(bank, threshold=None, fpr: float = 0.01) -> dict | None:
+    """{"threshold", "source"}: the decision threshold a run uses (given, or the bank's (1 − fpr) quantile of
+    its normal scores), or None when there is neither a bank nor a threshold (no decisions)."""
+    if threshold is not None:
+        return {"threshold": float(threshold), "source": "--threshold"}
+    if bank is None:
+        return None
+    n = int(np.sum(np.asarray(bank.valid)))
+    return {"threshold": bank_threshold(bank, fpr), "fpr": fpr,
+            "source": f"the {1 - fpr:g} quantile of the bank's {n} leave-one-out normal scores (--fpr {fpr})"}
+
+
+def decide(score: float, decision: dict | None) -> str:
+    """"anomalous" when the score is above the threshold, else "normal" ("" without decisions)."""
+    if decision is None:
+        return ""
+    return "anomalous" if score > decision["threshold"] else "normal"
 
 
 def input_notices(paths, size: int) -> tuple[list[str], dict[int, str]]:
@@ -196,23 +223,29 @@ def input_notices(paths, size: int) -> tuple[list[str], dict[int, str]]:
 def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, encode_batch=8, progress=True,
                random_weights=False, weights="", seed=0, mesh=None, overwrite=False, resume=False, strict=False,
                plan: DetectPlan | None = None, status: Status | None = None,
-               say: Callable[[str], None] = lambda msg: None) -> dict:
+               say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01) -> dict:
     """Score every image of `folder` into `out`; returns the run record (also written as run.json),
-    with "errors": {file: message} of images that could not be read."""
+    with "errors": {file: message} of images that could not be read. With a reference `bank` (method,
+    size and class name are the bank's) images are scored against it and get a decision."""
     plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
                                strict=strict)
     status = status or Status()
+    if bank is not None:
+        method, size = bank.meta.method, bank.meta.size
+        plan.class_name, plan.class_name_source = bank.meta.class_name, "the bank"
+    decision = resolve_threshold(bank, threshold, fpr)
     size = size or cfg.vision.image_size
     if size < 1 or size % cfg.vision.patch_size:
         raise FiseclipError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     paths, rels, out = plan.paths, plan.rels, plan.out
     n = len(paths)
-    if n < method.min_images:
+    if n < method.min_images and bank is None:
         raise FiseclipError(few_images_message(method, n, plan.class_name))
     status.total = n
     devices = 1 if mesh is None else int(mesh.size)
     current = run_config(plan, cfg, method, size=size, encode_batch=encode_batch, weights=weights, seed=seed,
-                         devices=devices)
+                         devices=devices, bank=bank, threshold=decision and decision["threshold"])
+    columns = COLUMNS if decision is None else DECISION_COLUMNS
     notices, header_errors = input_notices(paths, size)
     for notice in notices:
         say(f"notice: {notice}")
@@ -231,7 +264,7 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     (out / "run.json").unlink(missing_ok=True)  # written again, last, when the results are complete
 
 
-    groups = category_groups(method, n, encode_batch)
+    groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
     done = {g for g, (lo, hi) in enumerate(groups)
             if (partial / "maps" / f"{g:06d}.npy").exists() and all(rels[i] in rows for i in range(lo, hi))}
     status.done = sum(hi - lo for g, (lo, hi) in enumerate(groups) if g in done)
@@ -242,19 +275,25 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
         text = text_features_full(params, cfg, plan.class_name, method.prompts)
     else:
         text = None
-    say(f"scoring {n - status.done} images with {method.label} at {size}px "
-        f"(the first batch compiles, later ones reuse it)")
-    for res in iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
-                           text=text, progress=progress, mesh=mesh, skip_groups=done,
-                           feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict):
+    say(f"scoring {n - status.done} images with {method.label} at {size}px"
+        f"{' against the reference bank' if bank is not None else ''} (the first batch compiles, later ones reuse it)")
+    if bank is None:
+        results = iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
+                              text=text, progress=progress, mesh=mesh, skip_groups=done,
+                              feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
+    else:
+        results = iter_detect_bank(params, cfg, bank, paths, encode_batch=encode_batch, text=text, progress=progress,
+                                   skip_groups=done, skip_errors=not plan.strict)
+    for res in results:
         lo, hi = groups[res.group]
         with WRITE_LOCK:
             np.save(partial / "maps" / f"{res.group:06d}.npy", res.anomaly_maps)
             for i, score in zip(res.indices, res.image_scores):
-                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=f"{float(score):.6f}")
+                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=f"{float(score):.6f}",
+                                     decision=decide(float(score), decision))
             for i, message in res.errors.items():
                 rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, error=message)
-            _write_rows(out / "scores.csv", rels, rows)
+            _write_rows(out / "scores.csv", rels, rows, columns)
             status.done += hi - lo
 
     say("writing overlays")
@@ -267,6 +306,11 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
         "versions": library_versions(), "num_images": n, "num_scored": n - len(errors), "errors": errors,
         "overlay_scale": scale, "devices": devices, "run_config": current,
     }
+    if decision is not None:
+        record["decision"] = decision
+    if bank is not None:
+        record["bank"] = {"mode": bank.meta.mode, "images": int(np.sum(np.asarray(bank.valid))),
+                          "fingerprint": bank.meta.fingerprint, "digest": bank_digest(bank)}
     if random_weights:
         record["warning"] = "random weights: scores and maps are meaningless"
     with WRITE_LOCK:
@@ -275,8 +319,8 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     return record
 
 
-def _row(rel, label, score="", error=""):
-    return {"file": rel, "score": score, "label": "" if label is None else label, "error": error}
+def _row(rel, label, score="", error="", decision=""):
+    return {"file": rel, "score": score, "label": "" if label is None else label, "decision": decision, "error": error}
 
 
 def _read_state(path: Path):

@@ -3,7 +3,11 @@
     fiseclip-jax convert SRC --out DIR [--arch NAME] [--act quick_gelu|gelu]
     fiseclip-jax detect DIR --class-name NAME --method fiseclip|musc|anoclip|anoclip+
                         --weights DIR|HUB_ID|random:PRESET [--size S] [--batch-size B] --out OUT
+    fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH ... (see `evaluate --help`)
+    fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
+                            [--capacity K] [--mode exact|coreset] --out BANK
+    fiseclip-jax watch DIR --bank BANK --out OUT [--update none|gated] [--poll SECONDS]
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import traceback
 from ..clip.checkpoint import CheckpointError
 from ..clip.params import ConversionError
 from ..errors import FiseclipError
-from . import convert, detect, evaluate
+from . import bank, convert, detect, evaluate, watch
 
-COMMANDS = (convert, detect, evaluate)
+COMMANDS = (convert, detect, evaluate, bank, watch)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
 USER_ERRORS = (FiseclipError, CheckpointError, ConversionError, OSError)
 

@@ -10,8 +10,11 @@ import time
 from typing import Callable
 
 from .. import methods
+from ..bank import check_compatible, load_bank, read_bank_json
 from ..clip.checkpoint import resolve_weights
 from ..distributed import initialize_distributed, make_mesh
+from ..errors import FiseclipError
+from ..prompts import clean_class_name
 
 RANDOM_BANNER = """\
 !!! ------------------------------------------------------------------------ !!!
@@ -37,12 +40,16 @@ def count(minimum: int):
     return parse
 
 
-def add_method_args(p: argparse.ArgumentParser) -> None:
-    """Options of every command that runs a method (`detect`, `evaluate`)."""
-    p.add_argument("--method", choices=methods.names(), default="fiseclip")
-    p.add_argument("--weights", required=True,
+DEFAULT_METHOD = "fiseclip"
+
+
+def add_method_args(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
+    """Options of every command that runs a method (`detect`, `evaluate`, `bank build`, `watch`)."""
+    p.add_argument("--method", choices=methods.names(), default=None, help=f"default {DEFAULT_METHOD}")
+    p.add_argument("--weights", required=weights_required,
                    help="a directory made by `convert`, a Hugging Face id (e.g. openai/clip-vit-large-patch14-336), "
-                        "or random:PRESET (e.g. random:ViT-B/16) for smoke tests only")
+                        "or random:PRESET (e.g. random:ViT-B/16) for smoke tests only"
+                        + ("" if weights_required else "; with --bank, default: the bank's weights"))
     p.add_argument("--size", type=count(1), default=None,
                    help="input side S (divisible by the patch size); default: the weights' native size")
     p.add_argument("--batch-size", type=count(0), default=None,
@@ -71,7 +78,7 @@ def make_run_mesh(args):
 
 def method_from_args(args) -> methods.Method:
     """The method config the flags stand for: the registered method with the run options it takes."""
-    return methods.get(args.method).with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
+    return methods.get(args.method or DEFAULT_METHOD).with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
 
 
 def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None):
@@ -81,6 +88,48 @@ def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda m
     if is_random:
         print(RANDOM_BANNER.format(spec=spec), file=sys.stderr)
     return params, cfg, is_random
+
+
+def add_decision_args(p: argparse.ArgumentParser) -> None:
+    """--fpr / --threshold: how scores become decisions (`detect --bank`, `watch`)."""
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="with --bank: the threshold flags this share of the bank's known-good images (default 0.01)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold on the score (overrides --fpr; without a bank: the only way to decide)")
+
+
+def read_bank_args(args) -> dict | None:
+    """bank.json of --bank (None without it), checked against --method / --size / --class-name, which the bank
+    fixes; without --bank, --weights is required. Before any weights load."""
+    if not args.bank:
+        if not args.weights:
+            raise FiseclipError("--weights is required (or --bank, whose weights are used)")
+        return None
+    record = read_bank_json(args.bank)
+    built = record["method"]["method"]
+    if args.method and args.method != built:
+        raise FiseclipError(f"--method {args.method}: the bank {args.bank} was built with {built} (with --bank, "
+                            "method, weights and size come from the bank)")
+    if args.size and args.size != record["size"]:
+        raise FiseclipError(f"--size {args.size}: the bank {args.bank} was built at {record['size']}")
+    if getattr(args, "class_name", None) and clean_class_name(args.class_name) != clean_class_name(record["class_name"]):
+        raise FiseclipError(f"--class-name {args.class_name!r}: the bank {args.bank} is for {record['class_name']!r}")
+    if not 0.0 <= args.fpr <= 1.0:
+        raise FiseclipError(f"--fpr must be between 0 and 1, got {args.fpr}")
+    return record
+
+
+def load_with_bank(args, record, say: Callable[[str], None]):
+    """(params, cfg, is_random, bank or None): --weights (else the bank's own weights and seed), and the bank,
+    refused with a clear error if it was built with other weights."""
+    spec, seed = args.weights, args.seed
+    if record is not None and not spec:
+        spec, seed = record["weights"], record.get("notes", {}).get("seed", args.seed)
+    params, cfg, is_random = load_weights(spec, seed, say)
+    if record is None:
+        return params, cfg, is_random, None
+    check_compatible(record, args.bank, params=params, cfg=cfg)
+    return params, cfg, is_random, load_bank(args.bank)
 
 
 def speaker(quiet: bool) -> Callable[[str], None]:
