@@ -218,6 +218,8 @@ class Watch:
             now = time.monotonic()
             seen = self.pending.get(rel)
             if seen is None or seen[0] != sig:
+                if seen is None:
+                    self.say(f"{rel}: not readable yet, waiting until it is complete")
                 self.pending[rel] = (sig, now)
                 return False
             if now - seen[1] < self.settle:

@@ -32,7 +32,7 @@ def cmd_build(args) -> int:
 
     def work() -> int:
         params, cfg, is_random = load_weights(args.weights, args.seed, say)
-        bank = run_bank_build(params, cfg, plan, method, size=args.size, capacity=args.capacity, mode=args.mode,
+        run_bank_build(params, cfg, plan, method, size=args.size, capacity=args.capacity, mode=args.mode,
                               budget=args.budget, encode_batch=args.batch_size or 8,
                               weights=weights_spec(args.weights), seed=args.seed, random_weights=is_random,
                               status=status, say=say)
