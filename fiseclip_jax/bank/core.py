@@ -17,6 +17,7 @@ import dataclasses
 import functools
 from typing import Optional
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class Bank:
 
 def check_method(method: Method) -> None:
     if not method.uses_bank:
-        raise method._no_bank()
+        raise method.no_bank_error()
 
 
 # ------------------------------------------------------------------ build
@@ -237,6 +238,8 @@ def _match(bank: Bank, z, valid, opts):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method", "with_features"))
 def _detect_with_bank(params, cfg, bank, pixels, text, valid, method, with_features):
+    chex.assert_rank(pixels, 4)
+    chex.assert_shape(valid, pixels.shape[:1])
     opts = method.bank_match_options()
     r_list, size = tuple(opts["r_list"]), pixels.shape[1]
 
@@ -314,6 +317,7 @@ def update_bank(bank: Bank, feats: dict, accept) -> Bank:
     slots (FIFO), coreset mode merges their patches into the memory (greedy k-center over memory ∪ new
     patches) and keeps their CLS and statistics FIFO. feats: `detect_with_bank(..., with_features=True)`'s."""
     accept = jnp.asarray(accept, bool)
+    chex.assert_shape(accept, feats["cls"].shape[:1])
     k = bank.valid.shape[0]
     ring = {"cls": bank.cls, "calib": bank.calib}
     new = {"cls": feats["cls"], "calib": {name: feats["calib"][name] for name in bank.calib}}

@@ -9,14 +9,15 @@ coreset: a(p) = min_m ‖z(p) − m‖ over a fixed memory of M patch features p
          greedy k-center (PatchCore's coreset): time and memory independent of how many images built it.
 
 Features are LNAMD(r) features per (r, layer), stored so: applying LNAMD to the bank on the fly
-cost 0.3–1.4 times the matching itself on CPU (benchmarks/online.py), storing it costs nR times the
-memory of the raw tokens.
+costs 0.3 (ViT-L/14@518, K=8) to 1.0 (ViT-B/16@224, K=32) times the matching itself on CPU
+(benchmarks/online.py); storing it costs nR times the memory of the raw tokens.
 """
 
 from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -51,6 +52,8 @@ def exact_scores(z, bank_z, bank_allowed, bank_valid, valid, *, alpha, chunk_siz
     """z [B, nR, nL, P, W] new images, bank_z [nR, nL, K, P, W], bank_allowed [K, P], bank_valid [K], valid [B],
     exclude [B] a slot each image may not use (its own, leave-one-out) -> ([B, P] patch scores against the bank,
     [B] usable references)."""
+    chex.assert_rank([z, bank_z, bank_allowed], [5, 5, 2])
+    chex.assert_equal(z.shape[1:3] + z.shape[4:], bank_z.shape[:2] + bank_z.shape[4:])  # r, layers, width
     n_r, n_l, k = bank_z.shape[:3]
     usable = bank_valid & jnp.any(bank_allowed, axis=1)
     pair_ok = valid[:, None] & usable[None, :]
@@ -92,6 +95,8 @@ def coreset_scores(z, memory, memory_ok, source, exclude, n_images, valid, *, ch
     """z [B, nR, nL, P, W], memory [nR, nL, M, W], memory_ok / source [nR, nL, M], exclude [B] the image number whose
     entries each new image may not use (its own, leave-one-out; -1: none), n_images [B] images behind the memory
     -> ([B, P] nearest-neighbour distance, mean over layers then r; [B] references: n_images, 0 if none usable)."""
+    chex.assert_rank([z, memory, memory_ok, source], [5, 4, 3, 3])
+    chex.assert_equal(z.shape[1:3] + z.shape[4:], memory.shape[:2] + memory.shape[3:])
     n_r, n_l, m, w = memory.shape
     p = z.shape[3]
 
@@ -100,7 +105,7 @@ def coreset_scores(z, memory, memory_ok, source, exclude, n_images, valid, *, ch
         allowed = mem_ok[None, :] & (src[None, :] != exclude[:, None])  # [B, M]
 
         def nearest(zi, ok_i):
-            refs, refs_ok = _groups(mem, ok_i, p)
+            refs, refs_ok = _groups(mem, ok_i, min(m, p))  # groups of P entries: no padding when M < P
             chunk = max(1, min(int(chunk_size), refs.shape[0]))
             d2 = _nearest_sq_dist(zi[None], refs, refs_ok, chunk, refine=REFINE)[0]  # [P, G]
             return jnp.sqrt(jnp.min(d2, axis=-1))

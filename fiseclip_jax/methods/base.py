@@ -83,29 +83,30 @@ class Method:
     # the bank's normal values for an image to join the bank (gated updates); "score" always first.
     bank_gate_keys: ClassVar[tuple[str, ...]] = ()
 
-    def _no_bank(self):
+    def no_bank_error(self) -> FiseclipError:
+        """The error a bank function raises for this method (one that does not use a bank)."""
         return FiseclipError(f"{self.label} does not use a reference bank: it scores each image on its own "
                              "(use `detect` or `watch` without --bank)")
 
     def bank_match_options(self) -> dict:
         """{"r_list", "alpha", "chunk_size"}: how the bank matches (LNAMD radii, share of nearest references)."""
-        raise self._no_bank()
+        raise self.no_bank_error()
 
     def bank_entries(self, feats: dict, text: TextFeatures, valid) -> dict:
         """From `encode`'s features: {"tokens" [B, nL, P, W] matching tokens, "allowed" [B, P] patches that may
         serve as references, "cls" [B, D]} plus whatever `bank_score` needs of a new image. Pure."""
-        raise self._no_bank()
+        raise self.no_bank_error()
 
     def bank_calibrate(self, entries: dict, patch_scores, num_refs, valid, *, size: int) -> dict:
         """Leave-one-out statistics of the bank's own images: patch_scores [K, P] of each against the others,
         num_refs [K] -> {name: [K]}, with at least "score" (the image score), "map_min" and "map_max". Pure."""
-        raise self._no_bank()
+        raise self.no_bank_error()
 
     def bank_score(self, entries: dict, patch_scores, num_refs, refs: BankRefs, valid, *,
                    size: int) -> tuple[Detection, dict]:
         """New images against the bank: patch_scores [B, P] matching scores against its references ->
         (Detection, {name: [B]} the same statistics `bank_calibrate` gives, for gated updates). Pure."""
-        raise self._no_bank()
+        raise self.no_bank_error()
 
     # -- shared behaviour -----------------------------------------------------------------
     @property
