@@ -289,8 +289,9 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
         with WRITE_LOCK:
             np.save(partial / "maps" / f"{res.group:06d}.npy", res.anomaly_maps)
             for i, score in zip(res.indices, res.image_scores):
-                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=f"{float(score):.6f}",
-                                     decision=decide(float(score), decision))
+                written = f"{float(score):.6f}"  # decided on the score as written: the CSV agrees with itself
+                rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=written,
+                                     decision=decide(float(written), decision))
             for i, message in res.errors.items():
                 rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, error=message)
             _write_rows(out / "scores.csv", rels, rows, columns)

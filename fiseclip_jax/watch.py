@@ -237,7 +237,8 @@ class Watch:
         start = time.perf_counter()
         score, amap, admitted = self._score(image)
         ms = 1e3 * (time.perf_counter() - start)
-        row = {"file": rel, "score": f"{score:.6f}", "label": label, "decision": decide(score, self.decision),
+        written = f"{score:.6f}"  # decided on the score as written: the CSV agrees with itself
+        row = {"file": rel, "score": written, "label": label, "decision": decide(float(written), self.decision),
                "admitted": admitted, "error": ""}
         picture = side_by_side(image, amap, vmin=self.scale[0], vmax=self.scale[1])
         with WRITE_LOCK:

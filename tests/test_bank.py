@@ -82,8 +82,8 @@ def test_fiseclip_against_a_bank_is_batch_scoring_of_bank_plus_image(tiny, bottl
         np.testing.assert_allclose(det.anomaly_maps[i], maps[-1], atol=1e-5, rtol=0)
         np.testing.assert_allclose(det.image_scores[i], scores[-1], atol=1e-5, rtol=0)
         assert int(det.num_refs[i]) == num_refs[-1] == 6
-        # The library's batch path: 4e-7 from the oracle here, but its ‖a‖² + ‖b‖² − 2a·b lost up to 9e-5 on
-        # bottle's near-duplicate background patches at S = 64, which the bank re-measures directly.
+        # The library's batch path: 4e-7 from the oracle here, but its ‖a‖² + ‖b‖² − 2a·b lost up to 9e-5
+        # on bottle's near-duplicate background patches at S = 64, which the bank re-measures directly.
         lib = fj.detect(params, cfg, np.concatenate([refs, new[i:i + 1]]), text, FISE)
         np.testing.assert_allclose(det.anomaly_maps[i], lib.anomaly_maps[-1], atol=3e-4, rtol=0)
     # the bank's normal scores are the batch scores of R itself (each image against the others)
@@ -122,7 +122,8 @@ def test_bank_scores_of_new_images_hand_checked():
     cls = rng.normal(size=(2, d)).astype(np.float32)
     refs = BankRefs(rng.normal(size=(k, d)).astype(np.float32),
                     {"raw": rng.random(k).astype(np.float32), "map_max": rng.random(k).astype(np.float32),
-                     "match_lo": rng.random(k).astype(np.float32) * 0.1, "match_hi": 0.5 + rng.random(k).astype(np.float32),
+                     "match_lo": rng.random(k).astype(np.float32) * 0.1,
+                     "match_hi": 0.5 + rng.random(k).astype(np.float32),
                      "text_score": rng.random(k).astype(np.float32)}, jnp.asarray(valid_refs))
     one = jnp.ones(2, bool)
     musc = fj.MuScConfig(sigma=0.0)
@@ -306,7 +307,8 @@ def test_greedy_kcenter_matches_brute_force():
     want = np_greedy(pts.astype(np.float64), ok, 12)
     assert np.asarray(idx)[np.asarray(picked)].tolist() == want and bool(picked.all())
     idx, picked = B.greedy_kcenter(pts, ok, 50, 0)  # more than there are: the rest are marked unused
-    assert int(picked.sum()) == int(ok.sum()) and sorted(np.asarray(idx)[np.asarray(picked)]) == list(np.flatnonzero(ok))
+    assert int(picked.sum()) == int(ok.sum())
+    assert sorted(np.asarray(idx)[np.asarray(picked)]) == list(np.flatnonzero(ok))
 
 
 def test_coreset_scores_are_nearest_neighbour_distances():

@@ -17,6 +17,7 @@ from .store import (bank_digest, bank_info, check_compatible, load_bank, meta_fr
                     read_bank_json, save_bank)
 
 __all__ = ["MODES", "Bank", "BankMeta", "bank_digest", "bank_from_features", "bank_info", "bank_threshold",
-           "build_bank", "check_compatible", "check_method", "detect_with_bank", "encode_in_batches", "gate", "greedy_kcenter",
+           "build_bank", "check_compatible", "check_method", "detect_with_bank", "encode_in_batches", "gate",
+           "greedy_kcenter",
            "load_bank", "masked_quantile", "meta_from_record", "method_from_record", "read_bank_json", "save_bank",
            "update_bank", "weights_fingerprint"]

@@ -60,7 +60,8 @@ def cmd_info(args) -> int:
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bank", help="reference banks of known-good images, for online inspection (detect --bank, watch)")
+    b = sub.add_parser("bank", help="reference banks of known-good images, for online inspection "
+                       "(detect --bank, watch)")
     bsub = b.add_subparsers(dest="bank_command", required=True)
     c = bsub.add_parser("build", help="build a reference bank from images of the product that are mostly normal")
     c.add_argument("dir", help="folder of known-good images (or simply the first images of the line)")

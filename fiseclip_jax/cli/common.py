@@ -78,7 +78,8 @@ def make_run_mesh(args):
 
 def method_from_args(args) -> methods.Method:
     """The method config the flags stand for: the registered method with the run options it takes."""
-    return methods.get(args.method or DEFAULT_METHOD).with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
+    return methods.get(args.method or DEFAULT_METHOD).with_run_options(batch_size=args.batch_size, act=args.act,
+                                                                       seed=args.seed)
 
 
 def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None):
@@ -112,7 +113,8 @@ def read_bank_args(args) -> dict | None:
                             "method, weights and size come from the bank)")
     if args.size and args.size != record["size"]:
         raise FiseclipError(f"--size {args.size}: the bank {args.bank} was built at {record['size']}")
-    if getattr(args, "class_name", None) and clean_class_name(args.class_name) != clean_class_name(record["class_name"]):
+    named = getattr(args, "class_name", None)
+    if named and clean_class_name(named) != clean_class_name(record["class_name"]):
         raise FiseclipError(f"--class-name {args.class_name!r}: the bank {args.bank} is for {record['class_name']!r}")
     if not 0.0 <= args.fpr <= 1.0:
         raise FiseclipError(f"--fpr must be between 0 and 1, got {args.fpr}")

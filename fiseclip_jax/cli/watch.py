@@ -72,5 +72,6 @@ def add_parser(sub) -> None:
     w.add_argument("--until-idle", type=positive, default=None,
                    help="stop when no new file came for this many seconds (scripts, tests)")
     w.add_argument("--out", required=True, help="output folder: scores.csv, overlays/, run.json, bank/")
-    w.add_argument("--overwrite", action="store_true", help="clear an earlier watch run in --out instead of continuing it")
+    w.add_argument("--overwrite", action="store_true",
+                   help="clear an earlier watch run in --out instead of continuing it")
     w.set_defaults(func=cmd_watch)

@@ -127,7 +127,8 @@ class FiSeCLIPConfig(Method):
     def _bank_stats(self, entries, a_match, num_refs, match_range, map_range, text_range, valid, size):
         has = valid & (num_refs > 0)
         maps = self._bank_maps(entries, a_match, num_refs, match_range, valid, size)
-        stats = {"match_lo": jnp.where(has, a_match.min(1), jnp.inf), "match_hi": jnp.where(has, a_match.max(1), -jnp.inf),
+        stats = {"match_lo": jnp.where(has, a_match.min(1), jnp.inf),
+                 "match_hi": jnp.where(has, a_match.max(1), -jnp.inf),
                  "text_score": entries["text_score"], **map_stats(maps)}
         if map_range is None:  # leave-one-out: the bank's own range, as the batch rule
             map_range, text_range = masked_range(stats["map_max"], valid), masked_range(stats["text_score"], valid)
