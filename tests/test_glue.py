@@ -268,8 +268,9 @@ def read_scores(out):
 
 def test_cli_fiseclip_with_surviving_references(tiny, tiny_checkpoint, examples, example_pixels, tmp_path):
     """`detect --method fiseclip --batch-size 4` on a saved checkpoint whose text scores all stay below
-    θ = 0.5 (random:tiny's stay above it: every reference filtered): no "no reference" warning,
-    scores.csv equals detect_category, and differs from the text-only scores by far more than 1e-6."""
+    θ = 0.5 (random:tiny's stay above it: every reference filtered): no "no reference" warning, and
+    scores.csv equals the numpy oracle of SPEC §4.3 on each batch of 4 (the last one of 2), not the
+    text-only scores."""
     _, params, cfg = tiny
     out = tmp_path / "out"
     with warnings.catch_warnings(record=True) as caught:
@@ -281,15 +282,16 @@ def test_cli_fiseclip_with_surviving_references(tiny, tiny_checkpoint, examples,
     assert [r["file"] for r in rows] == [name for name, _ in examples]  # the fixture's order
     cli_scores = np.array([float(r["score"]) for r in rows])
 
-    res = detect_category(params, cfg, [im for _, im in examples], "bottle", CLI_FISECLIP, size=SIZE,
-                          encode_batch=4, progress=False)
-    assert (res.num_refs > 0).all()
-    assert_close(cli_scores, res.image_scores, tol=1e-6, what="CLI scores")  # written with 6 decimals
     text = text_features_full(params, cfg, "bottle", "winclip").features
     feats = encode_features(params, cfg, example_pixels, CLI_FISECLIP)
-    text_only = np.concatenate([fiseclip_oracle(feats, text, dataclasses.replace(CLI_FISECLIP, theta=0.0),
-                                                lo, hi)[0] for lo, hi in scored_slices(CLI_FISECLIP, 10, 4)])
-    assert np.abs(cli_scores - text_only).max() > 0.05
+    batches = scored_slices(CLI_FISECLIP, len(rows), 4)
+    expected = [fiseclip_oracle(feats, text, CLI_FISECLIP, lo, hi) for lo, hi in batches]
+    assert all((refs > 0).all() for _, _, refs in expected)
+    # min-max normalised over each batch: float32 noise amplified (see test_methods); 6 decimals written
+    assert_close(cli_scores, np.concatenate([e[0] for e in expected]), tol=1e-4, what="CLI scores")
+    text_only = dataclasses.replace(CLI_FISECLIP, theta=0.0)  # every reference filtered
+    text_only_scores = np.concatenate([fiseclip_oracle(feats, text, text_only, lo, hi)[0] for lo, hi in batches])
+    assert np.abs(cli_scores - text_only_scores).max() > 0.05
 
 
 # ------------------------------------------------------------------ AnoCLIP+ end to end
