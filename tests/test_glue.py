@@ -29,7 +29,7 @@ from fiseclip_jax import (AnoCLIPConfig, CLIPConfig, FiSeCLIPConfig, MuScConfig,
                           VisionConfig, detect, detect_category, encode_features, load_clip, preprocess,
                           save_clip)
 from fiseclip_jax.cli import main  # noqa: E402
-from fiseclip_jax.methods.configs import default_match_layers  # noqa: E402
+from fiseclip_jax.methods import default_match_layers  # noqa: E402
 from fiseclip_jax.prompts import text_features_full  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "bottle"
