@@ -170,8 +170,8 @@ class CLIP(nn.Module):
         return self.text(token_ids)
 
     def embed_image_tokens(self, pixels):
-        """[B, S, S, 3] -> [B, 1 + P, W]: the vision tower's input to block 1 (after ln_pre)."""
-        return self.vision.embed(pixels)
+        """[B, S, S, 3] -> [B, 1 + P, W] float32: the vision tower's input to block 1 (after ln_pre)."""
+        return self.vision.embed(pixels).astype(jnp.float32)
 
     def __call__(self, pixels, token_ids):
         """(encode_image(pixels), encode_text(token_ids))."""
