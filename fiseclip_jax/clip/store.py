@@ -66,26 +66,10 @@ def first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- layouts
-def _towers_with_blocks(tree):
-    return [t for t in ("vision", "text") if t in tree]
-
-
-def stack_blocks(params):
-    """Format 2 -> format 1: each tower's `transformer.blocks_{i}` stacked into `blocks` [L, ...]."""
-    out = dict(params)
-    for tower in _towers_with_blocks(params):
-        t = dict(params[tower])
-        blocks = t.pop("transformer")
-        ordered = [blocks[f"blocks_{i}"] for i in range(len(blocks))]
-        t["blocks"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)
-        out[tower] = t
-    return out
-
-
 def unstack_blocks(params):
     """Format 1 -> format 2: `blocks` [L, ...] split into `transformer.blocks_{i}` (numpy leaves)."""
     out = dict(params)
-    for tower in _towers_with_blocks(params):
+    for tower in ("vision", "text"):
         t = dict(params[tower])
         stacked = jax.tree.map(np.asarray, t.pop("blocks"))
         n = jax.tree.leaves(stacked)[0].shape[0]
