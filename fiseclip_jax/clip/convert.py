@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import ACTIVATIONS, PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config
-from .sources import read_source, sha256_file
-from .store import save_clip
 from .params import (HF_RULES, ConversionError, Rule, block, block_path, conv_to_hwio, convert_state_dict,
                      ignore, ln_block, ln_put, put, transpose)
+from .sources import read_source, sha256_file
+from .store import save_clip
 
 # Presets that exist only as OpenCLIP models; all their released weights use exact GELU.
 OPENCLIP_NATIVE_PRESETS = ("ViT-B-16-plus-240",)
