@@ -127,9 +127,11 @@ def test_init_tree_is_the_module_tree():
     assert ref["vision"]["transformer"]["blocks_0"]["attn"]["q"]["kernel"].shape == (w, w)
     assert sorted(ref["vision"]["transformer"]) == [f"blocks_{i}" for i in range(cfg.vision.layers)]
     assert ref["text"]["transformer"]["blocks_1"]["mlp"]["fc1"]["kernel"].shape == (32, 128)
-    # the abstract tree of a real-sized model, without allocating it
-    b16 = param_shapes(get_config("ViT-B/16"))
-    assert b16["vision"]["transformer"]["blocks_11"]["mlp"]["fc2"]["kernel"].shape == (3072, 768)
+    # a real-sized model: param_shapes traces one block per tower and repeats it; CLIP.init traces all
+    b16 = get_config("ViT-B/16")
+    full = jax.eval_shape(CLIP(b16).init, jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32), ids)["params"]
+    assert sig(param_shapes(b16)) == sig(full)
+    assert full["vision"]["transformer"]["blocks_11"]["mlp"]["fc2"]["kernel"].shape == (3072, 768)
 
 
 class ProbeHead(nn.Module):
