@@ -61,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="PRESET@SIZE, e.g. ViT-B/16@224")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX computation dtype")
     args = ap.parse_args(argv)
 
     import torch
@@ -68,12 +69,13 @@ def main(argv=None):
     from fiseclip_jax import encode_image
 
     torch.set_num_threads(os.cpu_count())
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({args.dtype}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), batch {args.batch}, best of {args.repeats}")
     print(f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}{'max|Δ| embeds':>15}")
     for case in args.cases:
         preset, size = parse_case(case)
         cfg, params, vision = build(preset)
+        cfg = cfg.replace(dtype=args.dtype)
         pixels = np.random.RandomState(0).randn(args.batch, size, size, 3).astype(np.float32)
         tp = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 

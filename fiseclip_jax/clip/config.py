@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# Computation dtypes; parameters and encoder outputs stay float32 whatever this says.
+DTYPES = ("float32", "bfloat16")
 
 # CLIP's image normalisation (OpenAI and OpenCLIP share it).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,10 +66,13 @@ class CLIPConfig:
     text: TextConfig
     act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # computation dtype of the towers (an old config.json without it: float32)
 
     def __post_init__(self):
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def replace(self, **kw) -> "CLIPConfig":
         return dataclasses.replace(self, **kw)
