@@ -4,6 +4,7 @@ Everything is a pure function over parameter pytrees with frozen, hashable confi
 so callers can wrap it in their own `jit`, `vmap` and sharding.
 """
 
+from .clip.model import CLIP
 from .clip.checkpoint import load_clip, resolve_weights, save_clip
 from .clip.config import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config
 from .clip.convert import convert_clip
@@ -23,6 +24,7 @@ from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFe
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP",
     "ANOCLIP_OBJECT", "ANOCLIP_TEXTURE", "AnoCLIPConfig", "CLIPConfig", "CategoryResult", "Detection",
     "FiSeCLIPConfig", "MuScConfig", "PRESETS", "PromptSet", "TextConfig", "TextFeatures", "VisionConfig",
     "WINCLIP", "convert_clip", "detect", "detect_category", "encode_features", "encode_image", "encode_text",

@@ -237,3 +237,11 @@ def test_probability_scores_stay_in_unit_interval():
     for method in (fj.FiSeCLIPConfig(r_list=(1,), tau=5.0, text_filter="share"),):
         scores = np.asarray(method.score(feats, text, jnp.ones(b, bool), size=8).image_scores)
         assert scores.min() >= 0.0 and scores.max() <= 1.0
+
+
+def test_convert_of_a_corrupt_safetensors_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"garbage that is not a safetensors header")
+    assert main(["convert", str(bad), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0] and "Traceback" not in err[0]

@@ -12,14 +12,12 @@ import argparse
 import sys
 import traceback
 
-from ..clip.checkpoint import CheckpointError
-from ..clip.params import ConversionError
 from ..errors import FiseclipError
 from . import convert, detect, evaluate
 
 COMMANDS = (convert, detect, evaluate)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
-USER_ERRORS = (FiseclipError, CheckpointError, ConversionError, OSError)
+USER_ERRORS = (FiseclipError, OSError)
 
 
 class Parser(argparse.ArgumentParser):

@@ -18,13 +18,14 @@ import numpy as np
 
 from .config import CLIPConfig
 from .modeling import param_shapes
+from ..errors import FiseclipError
 
 Target = tuple[tuple[str, ...], np.ndarray]
 Handler = Callable[[re.Match, np.ndarray], list[Target]]
 Rule = tuple[str, Handler]
 
 
-class ConversionError(ValueError):
+class ConversionError(FiseclipError):
     """A source state dict does not fit the target architecture."""
 
 

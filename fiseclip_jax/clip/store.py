@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import CLIPConfig
 from .modeling import param_shapes
+from ..errors import FiseclipError
 
 FORMAT_VERSION = 2
 HOW_TO_CONVERT = ("convert a local copy with `fiseclip-jax convert SRC --out DIR` (SRC: a Hugging Face "
@@ -33,7 +34,7 @@ HOW_TO_CONVERT = ("convert a local copy with `fiseclip-jax convert SRC --out DIR
                   "then pass DIR")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FiseclipError):
     """A checkpoint directory is missing, incomplete, corrupt, or does not match its config."""
 
 
