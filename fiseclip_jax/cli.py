@@ -34,6 +34,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="MuSc only: override the activation (gelu reproduces MuSc's published runs, SPEC §8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and the test-time adapter")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the cache folder ($FISECLIP_CACHE, default ~/.cache/fiseclip_jax): "
+                        "text features and compiled programs are recomputed")
     p.add_argument("--devices", type=int, default=None,
                    help="split batches over N devices (a JAX mesh; matching passes references around "
                         "the device ring); default: one device")
@@ -134,8 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def configure_caches(args) -> None:
+    """Text features and compiled XLA programs persist in the cache folder unless --no-cache."""
+    from . import cache
+
+    cache.set_enabled(not getattr(args, "no_cache", False))
+    if cache.enabled():
+        cache.enable_compilation_cache()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_caches(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:  # user errors: one readable line, no traceback
