@@ -56,8 +56,10 @@ def set_enabled(flag: bool) -> None:
 def tree_fingerprint(tree) -> str:
     """sha256 of a pytree: its structure, every leaf's shape and dtype, and evenly spaced values.
 
-    Blind to paths, so it survives a reorganised tree only as a new fingerprint (a cache
-    miss, never a wrong hit). Leaves up to FINGERPRINT_SAMPLES values are hashed whole.
+    It never looks a leaf up by path, so it works for any parameter layout; a new layout is
+    a new fingerprint (a cache miss, never a wrong hit). Leaves of up to FINGERPRINT_SAMPLES
+    values are hashed whole; two trees that differ only between samples of a large leaf
+    collide, which trained checkpoints (that differ everywhere) do not.
     """
     leaves, treedef = jax.tree.flatten(tree)
     h = hashlib.sha256(str(treedef).encode())

@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_caches(args) -> None:
-    """Text features and compiled XLA programs persist in the cache folder unless --no-cache."""
+    """Text features and compiled XLA programs persist in the cache folder unless --no-cache.
+
+    The XLA cache pays on CPU too: warm README job (benchmarks/startup.py, 2 cores) compiles
+    in 3-5 s instead of 21 s, at no measurable cost to the first run."""
     from . import cache
 
     cache.set_enabled(not getattr(args, "no_cache", False))
