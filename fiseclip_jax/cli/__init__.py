@@ -14,6 +14,7 @@ import traceback
 
 from ..errors import FiseclipError
 from . import convert, detect, evaluate
+from .common import configure_caches
 
 COMMANDS = (convert, detect, evaluate)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_caches(args)
     try:
         return args.func(args)
     except USER_ERRORS as e:  # bad input: one readable line, no traceback
