@@ -185,6 +185,6 @@ def test_cli_second_run_encodes_no_prompt(folder, encoded, tmp_path, monkeypatch
     n = sum(encoded)
     assert n >= 264 and len(entries(folder)) == (0 if no_cache else 1)  # WinCLIP: 264 sentences
     prompts._CACHE.clear()  # as in a new process
-    assert main(argv) == 0
+    assert main(argv + ["--overwrite"]) == 0
     assert sum(encoded) == (2 * n if no_cache else n)
     assert xla == ([] if no_cache else [1, 1])
