@@ -2,11 +2,18 @@
 
 Same random weights, same CPU, one process, batch 8 by default:
 
-    python benchmarks/encoder.py                       # ViT-B/16@224, ViT-L/14@336 at 336 and 518
+    python benchmarks/encoder.py                       # ViT-B/16 at 224, 512; ViT-L/14@336 at 336, 518
     python benchmarks/encoder.py --cases ViT-B/16@224 --repeats 3
+    python benchmarks/encoder.py --batch 2 --baseline 49b12c0   # also time modeling.py at a git revision
 
 Prints one row per case: JAX images/s, PyTorch images/s, their ratio, and the max
-abs difference of the image embeddings (a parity check on real-sized models).
+abs difference of the image embeddings (a parity check on real-sized models). With
+--baseline REV, the `encode_image` of `fiseclip_jax/clip/modeling.py` at REV is
+loaded beside today's and timed in the same process (columns "base img/s" and
+"jax/base"), so a before/after comparison shares the machine's load.
+
+The timed runs are interleaved (JAX, [baseline,] PyTorch, JAX, ...) and the best of
+each is kept: on a CPU shared with other jobs this compares like with like.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
-DEFAULT_CASES = ("ViT-B/16@224", "ViT-L/14@336@336", "ViT-L/14@336@518")
+DEFAULT_CASES = ("ViT-B/16@224", "ViT-B/16@512", "ViT-L/14@336@336", "ViT-L/14@336@518")
 
 
 def parse_case(case: str):
@@ -46,14 +53,38 @@ def build(preset: str):
     return cfg, params, vision
 
 
-def time_it(fn, repeats):
-    fn()  # warm-up (compilation for JAX)
-    times = []
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each function over `repeats` interleaved rounds, after one warm-up each."""
+    for fn in fns.values():
+        fn()  # warm-up (compilation for JAX)
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def load_modeling_at(rev: str):
+    """`fiseclip_jax.clip.modeling` as it was at git revision `rev`, as a sibling module."""
+    import importlib.util
+    import pathlib
+    import subprocess
+    import sys
+
+    import fiseclip_jax.clip as clip_pkg
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:fiseclip_jax/clip/modeling.py"],
+                            check=True, capture_output=True, text=True).stdout
+    name = "fiseclip_jax.clip._modeling_at_" + rev.replace("/", "_").replace("-", "_").replace(".", "_")
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = clip_pkg.__name__  # its relative imports resolve to today's siblings
+    sys.modules[name] = module
+    exec(compile(source, f"{rev}:fiseclip_jax/clip/modeling.py", "exec"), module.__dict__)
+    return module
 
 
 def main(argv=None):
@@ -61,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="PRESET@SIZE, e.g. ViT-B/16@224")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept")
+    ap.add_argument("--baseline", metavar="REV", help="also time modeling.py's encode_image at this git revision")
     args = ap.parse_args(argv)
 
     import torch
@@ -70,7 +102,11 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count())
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), batch {args.batch}, best of {args.repeats}")
-    print(f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}{'max|Δ| embeds':>15}")
+    base = load_modeling_at(args.baseline) if args.baseline else None
+    header = f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}"
+    if base is not None:
+        header += f"{'base img/s':>12}{'base/torch':>12}{'jax/base':>10}"
+    print(header + f"{'max|Δ| embeds':>15}")
     for case in args.cases:
         preset, size = parse_case(case)
         cfg, params, vision = build(preset)
@@ -84,10 +120,17 @@ def main(argv=None):
             with torch.inference_mode():
                 return vision(pixel_values=tp, interpolate_pos_encoding=True).image_embeds
 
-        tj = time_it(run_jax, args.repeats)
-        tt = time_it(run_torch, args.repeats)
+        fns = {"jax": run_jax, "torch": run_torch}
+        if base is not None:
+            fns["base"] = lambda: base.encode_image(params, cfg, pixels)["image_embeds"].block_until_ready()
+        best = best_times(fns, args.repeats)
+        tj, tt = best["jax"], best["torch"]
         diff = np.abs(np.asarray(run_jax()) - run_torch().numpy()).max()
-        print(f"{case:<22}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}{diff:>15.2e}", flush=True)
+        row = f"{case:<22}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}"
+        if base is not None:
+            tb = best["base"]
+            row += f"{args.batch / tb:>12.2f}{tt / tb:>12.2f}{tb / tj:>10.2f}"
+        print(row + f"{diff:>15.2e}", flush=True)
         del params, vision
 
 

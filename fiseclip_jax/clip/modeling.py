@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .attention import attend
 from .config import CLIPConfig
 
 Params = dict[str, Any]
@@ -50,28 +51,20 @@ def activation(x, act: str):
 
 def _split_heads(x, heads):
     b, t, w = x.shape
-    return x.reshape(b, t, heads, w // heads).transpose(0, 2, 1, 3)  # [B, H, T, dh]
+    return x.reshape(b, t, heads, w // heads)  # [B, T, H, dh]
 
 
 def _merge_heads(x):
-    b, h, t, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+    b, t, h, d = x.shape
+    return x.reshape(b, t, h * d)
 
 
-def _attend(a, b, v, scale, mask=None):
-    """softmax(a bᵀ · scale) v over [B, H, T, dh]."""
-    logits = jnp.einsum("bhqd,bhkd->bhqk", a, b) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    return jax.nn.softmax(logits, axis=-1) @ v
-
-
-def _block(x, bp, heads, act, eps, mask=None):
+def _block(x, bp, heads, act, eps, causal=False):
     """Standard pre-LN transformer block: x + attn(LN1 x), then + MLP(LN2 x)."""
     u = layer_norm(x, bp["ln_1"], eps)
     q, k, v = (_split_heads(dense(u, bp["attn"][n]), heads) for n in ("q", "k", "v"))
     scale = q.shape[-1] ** -0.5
-    x = x + dense(_merge_heads(_attend(q, k, v, scale, mask)), bp["attn"]["out"])
+    x = x + dense(_merge_heads(attend(q, k, v, scale=scale, causal=causal)), bp["attn"]["out"])
     h = activation(dense(layer_norm(x, bp["ln_2"], eps), bp["mlp"]["fc1"]), act)
     return x + dense(h, bp["mlp"]["fc2"])
 
@@ -81,11 +74,11 @@ def _local_attention(u, bp, heads, mode):
     q, k, v = (_split_heads(dense(u, bp["attn"][n]), heads) for n in ("q", "k", "v"))
     scale = q.shape[-1] ** -0.5
     if mode == "vv":
-        o = _attend(v, v, v, scale)
+        o = attend(v, v, v, scale=scale)
     elif mode == "qq":
-        o = _attend(q, q, v, scale)
+        o = attend(q, q, v, scale=scale)
     elif mode == "qq+kk":
-        o = _attend(q, q, v, scale) + _attend(k, k, v, scale)
+        o = attend(q, q, v, scale=scale) + attend(k, k, v, scale=scale)
     elif mode == "identity":
         o = v
     else:
@@ -222,9 +215,8 @@ def _encode_text(params: Params, cfg: CLIPConfig, token_ids):
         raise ValueError(f"token_ids must be [N, <= {tcfg.context_length}], got {token_ids.shape}")
     n, t = token_ids.shape
     x = tp["token_embed"][token_ids] + tp["pos_embed"][:t]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
     for i in range(tcfg.layers):
-        x = _block(x, _block_params(tp["blocks"], i), tcfg.heads, cfg.act, eps, causal)
+        x = _block(x, _block_params(tp["blocks"], i), tcfg.heads, cfg.act, eps, causal=True)
     x = layer_norm(x, tp["ln_final"], eps)
     eot = x[jnp.arange(n), jnp.argmax(token_ids, axis=-1)]  # the end token has the largest id
     return eot @ tp["proj"]
