@@ -10,7 +10,9 @@ Prints one row per case: JAX images/s, PyTorch images/s, their ratio, and the ma
 abs difference of the image embeddings (a parity check on real-sized models). With
 --baseline REV, the `encode_image` of `fiseclip_jax/clip/modeling.py` at REV is
 loaded beside today's and timed in the same process (columns "base img/s" and
-"jax/base"), so a before/after comparison shares the machine's load.
+"jax/base"), so a before/after comparison shares the machine's load. Each ratio is
+followed by "(cpu)", the same ratio of process CPU times (all threads), which moves
+less than wall time when other jobs share the cores.
 
 The timed runs are interleaved (JAX, [baseline,] PyTorch, JAX, ...) and the best of
 each is kept: on a CPU shared with other jobs this compares like with like.
@@ -53,17 +55,23 @@ def build(preset: str):
     return cfg, params, vision
 
 
-def best_times(fns: dict, repeats: int) -> dict:
-    """Best wall time of each function over `repeats` interleaved rounds, after one warm-up each."""
+def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best wall and process-CPU times of each function over `repeats` interleaved rounds.
+
+    One warm-up each first (compilation for JAX). CPU time sums all threads of the
+    process; it moves less than wall time when other jobs share the cores.
+    """
     for fn in fns.values():
-        fn()  # warm-up (compilation for JAX)
-    best = {name: float("inf") for name in fns}
+        fn()
+    wall = {name: float("inf") for name in fns}
+    cpu = dict(wall)
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            wall[name] = min(wall[name], time.perf_counter() - w)
+            cpu[name] = min(cpu[name], time.process_time() - c)
+    return wall, cpu
 
 
 def load_modeling_at(rev: str):
@@ -103,9 +111,9 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), batch {args.batch}, best of {args.repeats}")
     base = load_modeling_at(args.baseline) if args.baseline else None
-    header = f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}"
+    header = f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}{'(cpu)':>7}"
     if base is not None:
-        header += f"{'base img/s':>12}{'base/torch':>12}{'jax/base':>10}"
+        header += f"{'base img/s':>12}{'base/torch':>12}{'(cpu)':>7}{'jax/base':>10}{'(cpu)':>7}"
     print(header + f"{'max|Δ| embeds':>15}")
     for case in args.cases:
         preset, size = parse_case(case)
@@ -123,13 +131,14 @@ def main(argv=None):
         fns = {"jax": run_jax, "torch": run_torch}
         if base is not None:
             fns["base"] = lambda: base.encode_image(params, cfg, pixels)["image_embeds"].block_until_ready()
-        best = best_times(fns, args.repeats)
-        tj, tt = best["jax"], best["torch"]
+        wall, cpu = best_times(fns, args.repeats)
+        tj, tt = wall["jax"], wall["torch"]
         diff = np.abs(np.asarray(run_jax()) - run_torch().numpy()).max()
-        row = f"{case:<22}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}"
+        row = f"{case:<22}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}{cpu['torch'] / cpu['jax']:>7.2f}"
         if base is not None:
-            tb = best["base"]
-            row += f"{args.batch / tb:>12.2f}{tt / tb:>12.2f}{tb / tj:>10.2f}"
+            tb = wall["base"]
+            row += (f"{args.batch / tb:>12.2f}{tt / tb:>12.2f}{cpu['torch'] / cpu['base']:>7.2f}"
+                    f"{tb / tj:>10.2f}{cpu['base'] / cpu['jax']:>7.2f}")
         print(row + f"{diff:>15.2e}", flush=True)
         del params, vision
 
