@@ -23,7 +23,9 @@ MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
-    """Sentences are `template.format(state.format(class_name))` for every pair."""
+    """Sentences are `template.format(state.format(class_name))` for every pair, template-major (all
+    states of the first template, then the next template): AnoVL's order, which decides which row of
+    the AnoCLIP+ text adapter pairs with which sentence (SPEC §4.5)."""
 
     name: str
     normal_states: tuple[str, ...]
@@ -32,7 +34,7 @@ class PromptSet:
 
     def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
         def side(states):
-            return [t.format(s.format(class_name)) for s in states for t in self.templates]
+            return [t.format(s.format(class_name)) for t in self.templates for s in states]
 
         return side(self.normal_states), side(self.abnormal_states)
 
