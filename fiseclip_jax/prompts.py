@@ -143,10 +143,12 @@ def _embed_sentences(params, cfg: CLIPConfig, sentences: list[str], chunk: int =
     return np.concatenate(out)[: len(sentences)]
 
 
-def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip") -> TextFeatures:
-    """Class features and per-sentence features, cached per (weights, class name, prompt set)."""
-    class_name = clean_class_name(class_name)
-    pset = get_prompt_set(prompts, class_name)
+def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip", *,
+                       verbatim: bool = False) -> TextFeatures:
+    """Class features and per-sentence features, cached per (weights, class name, prompt set).
+    verbatim: use `class_name` as given (AnoVL prompts folder names such as "metal_nut" as they are)."""
+    class_name = class_name if verbatim else clean_class_name(class_name)
+    pset = get_prompt_set(prompts, clean_class_name(class_name))
     key = (_weights_fingerprint(params), cfg, class_name, pset)
     if key not in _CACHE:
         normal, abnormal = pset.sentences(class_name)

@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .data import list_folder, load_image
 from .detect import detect_category
 from .outputs import atomic_write_text, library_versions, overlay_name
@@ -34,7 +36,8 @@ def run_detect(params, cfg, folder, method, *, class_name=None, out, size=None, 
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
     atomic_write_text(out / "scores.csv", buf.getvalue())
-    vmin, vmax = float(result.anomaly_maps.min()), float(result.anomaly_maps.max())
+    vmin = float(min(np.min(m) for m in result.anomaly_maps))  # maps may differ in size (tiled wide images)
+    vmax = float(max(np.max(m) for m in result.anomaly_maps))
     for rel, image, amap, score in zip(rels, images, result.anomaly_maps, result.image_scores):
         side_by_side(image, amap, vmin=vmin, vmax=vmax).save(out / "overlays" / overlay_name(rel))
     record = {
