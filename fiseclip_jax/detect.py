@@ -149,12 +149,12 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
         params, text, state = replicate((params, text, state), mesh)
     encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
     bar = _progress(progress, n, class_name)
-    scores, maps, refs, feats = [], [], [], []
+    scores, maps, refs, feats, shape = [], [], [], [], None
     for lo, hi, pixels in _batches(images, group, lambda im: _load(im, method, size, resample)):
         pixels = _pad(pixels, group)
         valid = np.arange(group) < hi - lo
         if whole:
-            if feats and pixels.shape[1:] != shape:
+            if shape is not None and pixels.shape[1:] != shape:
                 raise ValueError(f"{method.label} scores the whole category at once, but the images of "
                                  f"{class_name!r} give model inputs of different shapes ({shape} and "
                                  f"{pixels.shape[1:]})")

@@ -7,7 +7,6 @@ import math
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 import fiseclip_jax as fj

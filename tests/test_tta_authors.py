@@ -14,7 +14,7 @@ import pytest
 import fiseclip_jax as fj
 from fiseclip_jax.clip.modeling import encode_text
 from fiseclip_jax.clip.tokenizer import tokenize
-from fiseclip_jax.methods.tta import adapt, init_adapter
+from fiseclip_jax.methods.tta import adapt
 from fiseclip_jax.prompts import ANOCLIP_OBJECT
 from fiseclip_jax.tiles import TileLayout, prepare_tiled
 

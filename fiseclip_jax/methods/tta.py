@@ -170,9 +170,9 @@ def _fit(z, key, text_features, sentences, config, opt_state=None, init=None, no
         n = 0 if sentences is None else sentences.shape[0]
         init = (config.init_fn or init_adapter)(k_init, config.adapter, z.shape[-1], n)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), init)
-    if noise is None:
-        noise = jnp.stack([_draw_noise(k, z.shape, config) for k in jax.random.split(k_noise, config.steps)]) \
-            if config.steps else jnp.zeros((0,) + z.shape, jnp.float32)
+    if noise is None:  # step s: split(noise key, steps)[s]
+        keys = jax.random.split(k_noise, config.steps)
+        noise = jax.vmap(lambda k: _draw_noise(k, z.shape, config))(keys)
     if opt_state is None:
         opt_state = make_optimizer(config).init(params)
 
@@ -205,14 +205,16 @@ def image_keys(key, n: int, offset=0):
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(n))
 
 
+def _fresh_opt_state(config: TTAConfig, dim: int, sentences):
+    """A fresh AdamW state for the adapter's shapes (its values do not depend on the parameters)."""
+    n = 0 if sentences is None else sentences.shape[0]
+    return make_optimizer(config).init(init_adapter(jax.random.key(0), config.adapter, dim, n))
+
+
 def fresh_state(text, config: TTAConfig, dim: int) -> dict:
     """The state a category starts from: {"index": 0 (next image), "opt": a fresh AdamW state, or None
     without carry_moments}."""
-    opt = None
-    if config.carry_moments:
-        _, sentences = stacked_sentences(text, config.adapter)
-        n = 0 if sentences is None else sentences.shape[0]
-        opt = make_optimizer(config).init(init_adapter(jax.random.key(0), config.adapter, dim, n))
+    opt = _fresh_opt_state(config, dim, stacked_sentences(text, config.adapter)[1]) if config.carry_moments else None
     return {"index": jnp.zeros((), jnp.int32), "opt": opt}
 
 
@@ -258,9 +260,7 @@ def _adapt(local, text, config, key, valid, opt_state, init, noise, layout, offs
         last = opt_state
     else:
         if opt_state is None:
-            n = 0 if sentences is None else sentences.shape[0]
-            template = init_adapter(jax.random.key(0), config.adapter, local.shape[-1], n)
-            opt_state = make_optimizer(config).init(template)
+            opt_state = _fresh_opt_state(config, local.shape[-1], sentences)
 
         def image(state, inp):
             zi, ki, ok, ii, ni = inp
