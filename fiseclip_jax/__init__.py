@@ -17,6 +17,7 @@ from .methods import AnoCLIPConfig, Detection, FiSeCLIPConfig, Method, MuScConfi
 from .methods.tta import adapt
 from .distributed import make_mesh, ring_mutual_scores, sharded_encode_features
 from . import evaluate  # the module: evaluate.evaluate(...), evaluate.evaluate_category(...)
+from . import protocols  # published protocols as data: protocols.get("musc-paper", dataset="visa")
 from .matching import MutualScores, mutual_scores
 from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFeatures, text_features, \
     text_features_full
@@ -30,5 +31,5 @@ __all__ = [
     "WINCLIP", "convert_clip", "detect", "detect_category", "encode_features", "encode_image", "encode_text",
     "get_config", "init_clip", "load_clip", "preprocess", "resolve_weights", "save_clip", "score_features",
     "text_features", "text_features_full", "tokenize", "make_mesh", "ring_mutual_scores", "sharded_encode_features",
-    "evaluate", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method", "default_match_layers",
+    "evaluate", "protocols", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method", "default_match_layers",
 ]

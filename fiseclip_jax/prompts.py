@@ -28,7 +28,9 @@ MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
-    """Sentences are `template.format(state.format(class_name))` for every pair."""
+    """Sentences are `template.format(state.format(class_name))` for every pair, template-major (all
+    states of the first template, then the next template): AnoVL's order, which decides which row of
+    the AnoCLIP+ text adapter pairs with which sentence (SPEC §4.5)."""
 
     name: str
     normal_states: tuple[str, ...]
@@ -37,7 +39,7 @@ class PromptSet:
 
     def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
         def side(states):
-            return [t.format(s.format(class_name)) for s in states for t in self.templates]
+            return [t.format(s.format(class_name)) for t in self.templates for s in states]
 
         return side(self.normal_states), side(self.abnormal_states)
 
@@ -169,14 +171,15 @@ def _cached_embeddings(key: dict, num_sentences: int, dim: int) -> np.ndarray | 
 
 
 def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip", *,
-                       disk_cache: bool | None = None) -> TextFeatures:
+                       disk_cache: bool | None = None, verbatim: bool = False) -> TextFeatures:
     """Class features and per-sentence features, cached per (weights, class name, prompt set).
 
     Kept in memory for the process and, unless `disk_cache` is False (default: `cache.enabled()`),
     in the user cache folder (`fiseclip_jax.cache`), so a later run encodes no prompt.
+    verbatim: use `class_name` as given (AnoVL prompts folder names such as "metal_nut" as they are).
     """
-    class_name = clean_class_name(class_name)
-    pset = get_prompt_set(prompts, class_name)
+    class_name = class_name if verbatim else clean_class_name(class_name)
+    pset = get_prompt_set(prompts, clean_class_name(class_name))
     normal, abnormal = pset.sentences(class_name)
     key = _text_cache_key(params, cfg, class_name, pset, normal + abnormal)
     mem_key = key_digest(key)

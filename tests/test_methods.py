@@ -82,9 +82,10 @@ def test_fiseclip_all_references_filtered_falls_back_to_text():
                                atol=2e-5)
 
 
-def test_musc_matches_numpy():
+@pytest.mark.parametrize("sigma", [0.0, 4.0])  # the authors' map (default) and the optional blur
+def test_musc_matches_numpy(sigma):
     f = random_feats(5)
-    config = MuScConfig(r_list=(1, 3), k_list=(1, 2, 3))
+    config = MuScConfig(r_list=(1, 3), k_list=(1, 2, 3), sigma=sigma)
     det = config.score(f, None, jnp.ones(B, bool), size=S)
     scores, maps, refs = np_musc(f["tokens"], f["cls"], S, config)
     np.testing.assert_array_equal(det.num_refs, refs)

@@ -21,6 +21,10 @@ def test_prompt_counts_and_texts():
     assert "an industrial photo of a metal nut without defect" in n
     assert "a manufacturing image of the imperfect metal nut for anomaly detection" in a
     assert "a cropped industrial photo of the normal metal nut" in n
+    # template-major, AnoVL's order: the 7 states of the first template, then the next template
+    assert n[:2] == ["a cropped industrial photo of the normal metal nut",
+                     "a cropped industrial photo of the flawless metal nut"]
+    assert a[7] == "a cropped industrial photo of a damaged metal nut"
     assert get_prompt_set("anoclip", "wood") is ANOCLIP_TEXTURE
     assert get_prompt_set("anoclip", "metal_nut") is ANOCLIP_OBJECT
     assert any("textural photo" in t for t in ANOCLIP_TEXTURE.templates)
@@ -32,7 +36,7 @@ def test_text_features_is_normalised_mean_of_unnormalised_embeddings():
     params = init_clip(cfg, jax.random.key(0))
     pset = PromptSet("mine", ("{}", "good {}"), ("bad {}",), ("a photo of a {}.", "the {}."))
     feats = np.asarray(text_features(params, cfg, "bottle", pset))
-    normal = ["a photo of a bottle.", "the bottle.", "a photo of a good bottle.", "the good bottle."]
+    normal = ["a photo of a bottle.", "a photo of a good bottle.", "the bottle.", "the good bottle."]
     abnormal = ["a photo of a bad bottle.", "the bad bottle."]
     want = []
     for side in (normal, abnormal):

@@ -39,7 +39,8 @@ def count(minimum: int):
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     """Options of every command that runs a method (`detect`, `evaluate`)."""
-    p.add_argument("--method", choices=methods.names(), default="fiseclip")
+    p.add_argument("--method", choices=methods.names(), default=None,
+                   help="default: fiseclip, or the method of --protocol")
     p.add_argument("--weights", required=True,
                    help="a directory made by `convert`, a Hugging Face id (e.g. openai/clip-vit-large-patch14-336), "
                         "or random:PRESET (e.g. random:ViT-B/16) for smoke tests only")
@@ -72,9 +73,11 @@ def make_run_mesh(args):
     return make_mesh(args.devices)
 
 
-def method_from_args(args) -> methods.Method:
-    """The method config the flags stand for: the registered method with the run options it takes."""
-    return methods.get(args.method).with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
+def method_from_args(args, protocol=None) -> methods.Method:
+    """The method config the flags stand for: the registered method (with a protocol's options) and the
+    run options it takes; a flag given explicitly wins over the protocol."""
+    method = protocol.method_config(args.method) if protocol else methods.get(args.method or "fiseclip")
+    return method.with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
 
 
 def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None):
