@@ -120,7 +120,10 @@ def check_detect_category(mesh):
     # MuSc: whole category on the ring; FiSeCLIP batch 4 of 6: two ring batches, one padded, with
     # text-filtered references (some images keep none). tau = 1: at CLIP's 100 the tiny random
     # model's CLS softmax saturates and the batch min-max would amplify float rounding.
-    for config in (MuScConfig(layers=(2, 4), r_list=(1, 3)),
+    # MuSc with k_list=(1,): RsCIN over six copies of one texture would rank near-identical CLS
+    # embeddings by float rounding (a top-k near-tie flips a neighbour and moves a score by ~6e-3);
+    # RsCIN runs on gathered scores, the same function with or without a mesh.
+    for config in (MuScConfig(layers=(2, 4), r_list=(1, 3), k_list=(1,)),
                    FiSeCLIPConfig(layers=(4,), r_list=(1,), batch_size=4, tau=1.0)):
         kw = dict(size=32, encode_batch=4, text=text, progress=False)
         with warnings.catch_warnings():  # "no reference image" is expected here
