@@ -52,6 +52,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act", choices=("quick_gelu", "gelu"), default=None,
                    help="MuSc only: override the activation (gelu reproduces MuSc's published runs, SPEC §8)")
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and the test-time adapter")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="computation dtype of the CLIP towers (parameters and outputs stay float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars and no phase messages")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the cache folder ($FISECLIP_CACHE, default ~/.cache/fiseclip_jax): "
@@ -80,10 +82,11 @@ def method_from_args(args, protocol=None) -> methods.Method:
     return method.with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
 
 
-def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None):
-    """(params, cfg, is_random); random weights are announced loudly."""
+def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None, dtype: str = "float32"):
+    """(params, cfg with the computation dtype, is_random); random weights are announced loudly."""
     say(f"loading weights {spec}")
     params, cfg, is_random = resolve_weights(spec, seed=seed)
+    cfg = cfg.replace(dtype=dtype)
     if is_random:
         print(RANDOM_BANNER.format(spec=spec), file=sys.stderr)
     return params, cfg, is_random

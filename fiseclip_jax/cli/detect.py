@@ -25,7 +25,7 @@ def cmd_detect(args) -> int:
     status = Status(total=len(plan.category))
 
     def work() -> int:
-        params, cfg, is_random = load_weights(args.weights, args.seed, say)
+        params, cfg, is_random = load_weights(args.weights, args.seed, say, dtype=args.dtype)
         record = run_detect(params, cfg, plan.folder, method, out=plan.out, size=args.size,
                             encode_batch=args.batch_size or 8, progress=not args.no_progress,
                             random_weights=is_random, weights=args.weights, seed=args.seed, mesh=mesh, plan=plan,

@@ -34,7 +34,7 @@ def cmd_evaluate(args) -> int:
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
     protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
     mesh = make_run_mesh(args)
-    params, cfg, is_random = load_weights(args.weights, args.seed)
+    params, cfg, is_random = load_weights(args.weights, args.seed, dtype=args.dtype)
     method = method_from_args(args, protocol)
     if protocol is not None and cfg.name != protocol.weights:
         print(f"fiseclip-jax evaluate: warning: protocol {protocol.name} is defined for {protocol.weights} "
