@@ -17,6 +17,8 @@ Phases are disjoint wall-clock seconds:
     images    reading the images and running detection, without compilation
     writing   scores.csv, overlays, run.json
     total     the child process's wall clock, as seen by the parent (includes Python start)
+    cpu       the child's user + system CPU seconds, all threads: on a shared machine wall
+              clock follows the other jobs, CPU seconds much less
 
 `encoded` is the number of sentences run through the text tower; `(xla)` the part of
 `compile` spent in XLA (or reading its persistent cache), the rest being tracing and lowering. `--full-context` adds,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -126,13 +129,14 @@ def run_child(method, cache, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--child", "--method", method, "--weights", args.weights,
                "--folder", args.folder, "--out", out] + (["--no-cache"] if args.no_cache else [])
-        t = time.perf_counter()
+        t, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-        wall = time.perf_counter() - t
+        wall, now = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         sys.exit(f"child failed ({method}):\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row["total"] = wall
+    row["cpu"] = now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
     return row
 
 
@@ -184,7 +188,7 @@ def main(argv=None) -> None:
     if args.child:
         return child(args)
 
-    cols = PHASES + ("total",)
+    cols = PHASES + ("total", "cpu")
     tag = " no-cache" if args.no_cache else " no-xla" if args.no_xla_cache else ""
     print(f"{'job':<22}" + "".join(f"{c:>9}" for c in cols) + f"{'encoded':>9}{'(xla)':>9}")
     for method in args.methods:
