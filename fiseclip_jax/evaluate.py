@@ -62,9 +62,9 @@ class ResumeError(FiseclipError):
 def list_categories(dataset: str, root, categories=None, masks=None) -> list[Category]:
     """The categories of a dataset (for "folder": `root` is one category; its name may be given)."""
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        raise FiseclipError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     if masks is not None and dataset != "folder":
-        raise ValueError(f"a masks folder is only for --dataset folder ({dataset} has its own masks)")
+        raise FiseclipError(f"a masks folder is only for --dataset folder ({dataset} has its own masks)")
     if isinstance(categories, str):
         categories = [categories]
     if dataset == "mvtec":
@@ -72,7 +72,7 @@ def list_categories(dataset: str, root, categories=None, masks=None) -> list[Cat
     if dataset == "visa":
         return list_visa(root, categories)
     if categories and len(categories) > 1:
-        raise ValueError("a folder dataset is one category: give at most one --category (its name)")
+        raise FiseclipError("a folder dataset is one category: give at most one --category (its name)")
     return [list_folder(root, masks, name=categories[0] if categories else None)]
 
 
@@ -147,7 +147,7 @@ def original_resolution(maps, shapes) -> list:
 def prompt_class_name(cat: Category, rule: str = "clean") -> str:
     """The class name a category is prompted with (CLASS_NAMES)."""
     if rule not in CLASS_NAMES:
-        raise ValueError(f"class_names must be one of {CLASS_NAMES}, got {rule!r}")
+        raise FiseclipError(f"class_names must be one of {CLASS_NAMES}, got {rule!r}")
     return cat.class_name if rule == "clean" else _ANOVL_NAMES.get(cat.name, cat.name)
 
 
@@ -276,19 +276,19 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     (`protocols.get`), recorded only. Outputs as in the module docstring.
     """
     if aupro not in AUPRO_VARIANTS:
-        raise ValueError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
+        raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
     if mask_rule not in MASK_RULES:
-        raise ValueError(f"mask_rule must be one of {tuple(MASK_RULES)}, got {mask_rule!r}")
+        raise FiseclipError(f"mask_rule must be one of {tuple(MASK_RULES)}, got {mask_rule!r}")
     if metric_resolution not in METRIC_RESOLUTIONS:
-        raise ValueError(f"metric_resolution must be one of {METRIC_RESOLUTIONS}, got {metric_resolution!r}")
+        raise FiseclipError(f"metric_resolution must be one of {METRIC_RESOLUTIONS}, got {metric_resolution!r}")
     if image_ap not in IMAGE_AP:
-        raise ValueError(f"image_ap must be one of {IMAGE_AP}, got {image_ap!r}")
+        raise FiseclipError(f"image_ap must be one of {IMAGE_AP}, got {image_ap!r}")
     if class_names not in CLASS_NAMES:
-        raise ValueError(f"class_names must be one of {CLASS_NAMES}, got {class_names!r}")
+        raise FiseclipError(f"class_names must be one of {CLASS_NAMES}, got {class_names!r}")
     mask_rule = MASK_RULES[mask_rule]
     size = size or cfg.vision.image_size
     if size % cfg.vision.patch_size:
-        raise ValueError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
+        raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     root = Path(root)
     cats = list_categories(dataset, root, categories, masks)
     for cat in cats:  # every file checked before hours of compute; errors name the files

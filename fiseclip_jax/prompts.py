@@ -22,6 +22,7 @@ from .cache import enabled as cache_enabled
 from .clip.config import CLIPConfig
 from .clip.modeling import encode_text
 from .clip.tokenizer import tokenize, trim_context
+from .errors import FiseclipError
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
@@ -118,7 +119,7 @@ def get_prompt_set(prompts: "str | PromptSet", class_name: str) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
     if prompts not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {prompts!r}; use one of {sorted(PROMPT_SETS)} or a PromptSet")
+        raise FiseclipError(f"unknown prompt set {prompts!r}; use one of {sorted(PROMPT_SETS)} or a PromptSet")
     return PROMPT_SETS[prompts](class_name)
 
 

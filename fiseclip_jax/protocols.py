@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from . import methods
 from .methods import TTAConfig
+from .errors import FiseclipError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Protocol:
         """The method with this protocol's options (`method`: another method the protocol covers)."""
         name = method or self.method
         if name not in self.overrides:
-            raise ValueError(f"protocol {self.name!r} covers the methods {', '.join(self.overrides)}, not {name!r}")
+            raise FiseclipError(f"protocol {self.name!r} covers the methods {', '.join(self.overrides)}, not {name!r}")
         return methods.get(name, **self.overrides[name])
 
     def settings(self) -> dict:
@@ -91,7 +92,7 @@ def get(name: str, dataset: str = "mvtec") -> Protocol:
     try:
         return PROTOCOLS[name](dataset)
     except KeyError:
-        raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
+        raise FiseclipError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}") from None
 
 
 __all__ = ["PROTOCOLS", "Protocol", "get", "names"]

@@ -20,6 +20,7 @@ from jax import lax
 
 from .clip.preprocess import RESAMPLE, normalize, to_pil
 from .postprocess import upsample_bilinear
+from .errors import FiseclipError
 
 TILES = 2
 
@@ -36,7 +37,7 @@ def resize_short_side(image, short: int, resample: str = "bilinear") -> np.ndarr
     """uint8 [h, w, 3]: the image resized with PIL (antialiased) so its short side is `short`
     (torchvision `Resize(short)` on a PIL image, AnoVL's VisA transform)."""
     if resample not in RESAMPLE:
-        raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+        raise FiseclipError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
     pil = to_pil(image)
     h, w = short_side_size(pil.height, pil.width, short)
     return np.asarray(pil.resize((w, h), RESAMPLE[resample]))
@@ -58,7 +59,7 @@ class TileLayout:
     def __post_init__(self):
         short, long = sorted((self.height, self.width))
         if long > TILES * short:
-            raise ValueError(f"an image of {self.height}x{self.width} is too long for {TILES} tiles of "
+            raise FiseclipError(f"an image of {self.height}x{self.width} is too long for {TILES} tiles of "
                              f"{short}x{short} (long side over {TILES}x the short side)")
 
     @classmethod

@@ -132,7 +132,9 @@ def check_detect_category(mesh):
             got = detect_category(params, cfg, images, "thing", config, mesh=mesh, **kw)
         what = f"detect_category {config.name} mesh={dict(mesh.shape)}"
         np.testing.assert_array_equal(got.num_refs, want.num_refs, what)
-        assert_close(got.anomaly_maps, want.anomaly_maps, what)
+        # FiSeCLIP's fused map min-max normalises the matching scores over the batch: the ring's other
+        # summation order (~1e-7) is divided by their spread, which lands near 1e-5 (1.2e-5 seen).
+        assert_close(got.anomaly_maps, want.anomaly_maps, what, tol=TOL if config.name == "musc" else 5e-5)
         # Image scores are min-max normalised over the category/batch (RsCIN, FiSeCLIP step 7):
         # dividing by a raw-score spread of ~0.1 magnifies the maps' 1e-7 rounding tenfold or more.
         assert_close(got.image_scores, want.image_scores, what, tol=1e-4)

@@ -29,6 +29,7 @@ from .params import (HF_RULES, ConversionError, Rule, block, block_path, conv_to
                      ignore, ln_block, ln_put, put, transpose)
 from .sources import read_source, sha256_file
 from .store import save_clip
+from ..errors import FiseclipError
 
 # Presets that exist only as OpenCLIP models; all their released weights use exact GELU.
 OPENCLIP_NATIVE_PRESETS = ("ViT-B-16-plus-240",)
@@ -146,7 +147,7 @@ _SHAPE_KEYS = {
 def _infer_shapes(sd, layout: str, where: str = "") -> dict:
     """Shape-visible architecture: widths, depths, patch, grid, vocab, context, embed dim."""
     if layout not in _SHAPE_KEYS:
-        raise ValueError(f"layout must be one of {sorted(RULES)}, got {layout!r}")
+        raise FiseclipError(f"layout must be one of {sorted(RULES)}, got {layout!r}")
     k = _SHAPE_KEYS[layout]
     w, _, p, _ = _shape(sd, k["patch"], where)
     n_pos = _shape(sd, k["vision_pos"], where)[0]
@@ -202,7 +203,7 @@ def infer_config(state_dict, layout: str = "openai", act: str = "quick_gelu") ->
     name and head count are then used.
     """
     if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        raise FiseclipError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     cfg, candidates = _from_shapes(_infer_shapes(state_dict, layout))
     return _pick(candidates, act) if candidates else cfg.replace(act=act)
 

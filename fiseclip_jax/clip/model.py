@@ -32,6 +32,7 @@ import numpy as np
 from .config import CLIPConfig, TextConfig, VisionConfig
 from .layers import LOCAL_MODES, Transformer, layer_norm, weight_init
 from .posemb import resize_pos_embed
+from ..errors import FiseclipError
 
 
 def _compute(dtype):
@@ -166,7 +167,7 @@ class CLIP(nn.Module):
         token_ids = jnp.asarray(token_ids)
         ctx = self.cfg.text.context_length
         if token_ids.ndim != 2 or token_ids.shape[1] > ctx:
-            raise ValueError(f"token_ids must be [N, <= {ctx}], got {token_ids.shape}")
+            raise FiseclipError(f"token_ids must be [N, <= {ctx}], got {token_ids.shape}")
         return self.text(token_ids)
 
     def embed_image_tokens(self, pixels):
@@ -182,15 +183,15 @@ def _check_image_args(cfg: CLIPConfig, shape, layers, local, local_blocks) -> No
     """Readable errors for the public entry points (chex asserts guard the tower itself)."""
     v = cfg.vision
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"pixels must be [B, S, S, 3] (NHWC), got shape {tuple(shape)}")
+        raise FiseclipError(f"pixels must be [B, S, S, 3] (NHWC), got shape {tuple(shape)}")
     h, w = shape[1:3]
     if h != w or h % v.patch_size:
-        raise ValueError(f"image must be square with side divisible by patch {v.patch_size}, got {h}x{w}")
+        raise FiseclipError(f"image must be square with side divisible by patch {v.patch_size}, got {h}x{w}")
     for layer in layers:
         if not 1 <= layer <= v.layers:
-            raise ValueError(f"block index {layer} outside 1..{v.layers} (1-indexed)")
+            raise FiseclipError(f"block index {layer} outside 1..{v.layers} (1-indexed)")
     if local is not None:
         if local not in LOCAL_MODES:
-            raise ValueError(f"unknown local mode {local!r}; choose from {tuple(LOCAL_MODES)}")
+            raise FiseclipError(f"unknown local mode {local!r}; choose from {tuple(LOCAL_MODES)}")
         if not 1 <= local_blocks <= v.layers:
-            raise ValueError(f"local_blocks must be in 1..{v.layers}, got {local_blocks}")
+            raise FiseclipError(f"local_blocks must be in 1..{v.layers}, got {local_blocks}")

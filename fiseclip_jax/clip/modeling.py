@@ -20,6 +20,7 @@ import numpy as np
 from .config import CLIPConfig
 from .layers import LOCAL_MODES as _MODES
 from .model import CLIP
+from ..errors import FiseclipError
 
 Params = dict[str, Any]
 
@@ -68,7 +69,7 @@ def init_clip(cfg: CLIPConfig, key) -> Params:
     per leaf shape, many seconds on CPU. Call it outside jit; inside, use `CLIP(cfg).init`.
     """
     if isinstance(key, jax.core.Tracer):
-        raise ValueError("init_clip draws with numpy and cannot be traced; under jit use CLIP(cfg).init")
+        raise FiseclipError("init_clip draws with numpy and cannot be traced; under jit use CLIP(cfg).init")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
     seeds = np.random.SeedSequence([int(w) for w in np.asarray(key, np.uint32).ravel()])

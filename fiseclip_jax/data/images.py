@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .core import DataError
+from ..errors import FiseclipError
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -95,14 +96,14 @@ def load_mask(path, size=None, *, strict: bool = False, rule: str | None = None)
     path = os.fspath(path)
     rule = rule or ("strict" if strict else "resize>0.5")
     if rule not in MASK_RULES:
-        raise ValueError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
+        raise FiseclipError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
     mask = _foreground(_open(path, "mask"))
     if size is None:
         return mask
     h, w = (size, size) if np.ndim(size) == 0 else size
     h, w = int(h), int(w)
     if h < 1 or w < 1:
-        raise ValueError(f"mask size must be positive, got {size}")
+        raise FiseclipError(f"mask size must be positive, got {size}")
     pil = Image.fromarray(mask.astype(np.uint8) * 255)  # mode L
     resized = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR))
     if rule == "strict":

@@ -16,6 +16,7 @@ from ..views import anoclip_views
 from .base import Detection, Method, as_text, register
 from .common import grid_maps, text_alignment
 from .tta import TTAConfig, adapt_batch, fresh_state
+from ..errors import FiseclipError
 
 
 @register("anoclip")
@@ -38,7 +39,7 @@ class AnoCLIPConfig(Method):
 
     def __post_init__(self):
         if self.tiles not in (1, 2):
-            raise ValueError(f"tiles must be 1 (square input) or 2 (AnoVL's VisA tiles), got {self.tiles}")
+            raise FiseclipError(f"tiles must be 1 (square input) or 2 (AnoVL's VisA tiles), got {self.tiles}")
 
     @property
     def label(self):

@@ -28,6 +28,7 @@ import numpy as np
 from ..clip.config import CLIPConfig
 from ..clip.preprocess import preprocess
 from ..prompts import TextFeatures
+from ..errors import FiseclipError
 
 
 class Detection(NamedTuple):
@@ -130,7 +131,7 @@ def as_text(text) -> TextFeatures:
         return text
     text = jnp.asarray(text)
     if text.ndim != 2 or text.shape[0] != 2:
-        raise ValueError(f"text must be TextFeatures or [2, D] (normal, abnormal), got {text.shape}")
+        raise FiseclipError(f"text must be TextFeatures or [2, D] (normal, abnormal), got {text.shape}")
     empty = jnp.zeros((0, text.shape[1]), text.dtype)
     return TextFeatures(text, empty, empty)
 
@@ -145,7 +146,7 @@ def register(name: str, factory: Optional[Callable[..., Method]] = None):
 
     def add(f):
         if name in _REGISTRY:
-            raise ValueError(f"a method named {name!r} is already registered")
+            raise FiseclipError(f"a method named {name!r} is already registered")
         _REGISTRY[name] = f
         return f
 
@@ -162,7 +163,7 @@ def get(name: str, **overrides: Any) -> Method:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(names())}") from None
+        raise FiseclipError(f"unknown method {name!r}; registered: {', '.join(names())}") from None
     return factory(**overrides)
 
 

@@ -100,10 +100,10 @@ def init_adapter(key, kind: str, dim: int, n_sentences: int = 0) -> dict:
     kind "linear": w [dim, dim] (n_sentences ignored).
     """
     if kind not in ADAPTERS:
-        raise ValueError(f"adapter kind must be one of {ADAPTERS}, got {kind!r}")
+        raise FiseclipError(f"adapter kind must be one of {ADAPTERS}, got {kind!r}")
     out = n_sentences if kind == "text" else dim
     if out <= 0:
-        raise ValueError("the text adapter needs n_sentences > 0 (rows of the stacked sentence features)")
+        raise FiseclipError("the text adapter needs n_sentences > 0 (rows of the stacked sentence features)")
     bound = 1.0 / dim ** 0.5
     kw, kb = jax.random.split(key)
     return {"w": jax.random.uniform(kw, (out, dim), jnp.float32, -bound, bound),
@@ -195,7 +195,7 @@ def stacked_sentences(text, kind: str):
     if kind == "linear":
         return feats, None
     if normal is None or normal.shape[0] == 0 or abnormal.shape[0] == 0:
-        raise ValueError("the AnoCLIP+ text adapter needs per-sentence text features: pass the TextFeatures "
+        raise FiseclipError("the AnoCLIP+ text adapter needs per-sentence text features: pass the TextFeatures "
                          "from text_features_full(params, cfg, class_name, 'anoclip') rather than a bare "
                          "[2, D] array (or use TTAConfig(adapter='linear'))")
     return feats, jnp.concatenate([normal, abnormal], axis=0)
