@@ -136,8 +136,9 @@ def check_detect_category(mesh):
         # summation order (~1e-7) is divided by their spread, which lands near 1e-5 (1.2e-5 seen).
         assert_close(got.anomaly_maps, want.anomaly_maps, what, tol=TOL if config.name == "musc" else 5e-5)
         # Image scores are min-max normalised over the category/batch (RsCIN, FiSeCLIP step 7):
-        # dividing by a raw-score spread of ~0.1 magnifies the maps' 1e-7 rounding tenfold or more.
-        assert_close(got.image_scores, want.image_scores, what, tol=1e-4)
+        # dividing by a raw-score spread of ~0.1 magnifies the maps' 1e-7 rounding tenfold or more;
+        # FiSeCLIP normalises twice (fused map, then image score): 1.2e-4 seen.
+        assert_close(got.image_scores, want.image_scores, what, tol=1e-4 if config.name == "musc" else 5e-4)
 
 
 def check_detect(mesh):
