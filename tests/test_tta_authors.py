@@ -119,8 +119,7 @@ def assert_tokens_close(ours, theirs):
     """Adapted tokens within 1e-4 of the tokens' scale. Five float32 AdamW steps amplify rounding (each
     step divides by sqrt(v) + eps): torch in float32 itself differs from torch in float64 by up to 1.4e-5
     on tokens of size ~2, and XLA's and torch's float32 reductions differ by a few times that (2.4e-5 of
-    the scale seen here after the attention kernel changed the tokens' last bits). A real error in the
-    loss, the pairing of rows or the optimiser moves tokens by 1e-3 of their scale or more."""
+    the scale seen here after the attention kernel changed the tokens' last bits)."""
     ours = np.asarray(ours)
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max(), np.abs(ours - theirs).max()
 
