@@ -2,6 +2,7 @@
 
     python benchmarks/parity.py                    # tiny, tiny-gelu, ViT-B/16 (224 and 384)
     python benchmarks/parity.py --cases ViT-L/14@336@518
+    python benchmarks/parity.py --dtype bfloat16       # bf16 computation against PyTorch float32
 
 The tests assert <= 1e-5; this prints the actual figures. Every LayerNorm and bias is
 randomised too (transformers initialises them to identity / zero).
@@ -29,13 +30,14 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=list(DEFAULT), help="PRESET@SIZE")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our computation dtype")
     args = ap.parse_args(argv)
     print(f"{'case':<20}{'embeddings':>12}{'block 1':>10}{'mid block':>11}{'last block':>12}"
           f"{'image emb':>11}{'patch emb':>11}{'text emb':>10}")
     for case in args.cases:
         preset, _, size = case.rpartition("@")
         size = int(size)
-        cfg = get_config(preset)
+        cfg = get_config(preset).replace(dtype=args.dtype)
         torch.manual_seed(0)
         model = CLIPModel(cfg.to_hf_config()).eval()
         with torch.no_grad():

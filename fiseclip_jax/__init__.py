@@ -4,6 +4,7 @@ Everything is a pure function over parameter pytrees with frozen, hashable confi
 so callers can wrap it in their own `jit`, `vmap` and sharding.
 """
 
+from .clip.model import CLIP
 from .clip.checkpoint import load_clip, resolve_weights, save_clip
 from .clip.config import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config
 from .clip.convert import convert_clip
@@ -17,6 +18,7 @@ from .methods.tta import adapt
 from .distributed import make_mesh, ring_mutual_scores, sharded_encode_features
 from .bank import Bank, bank_threshold, build_bank, detect_with_bank, gate, load_bank, save_bank, update_bank
 from . import evaluate  # the module: evaluate.evaluate(...), evaluate.evaluate_category(...)
+from . import protocols  # published protocols as data: protocols.get("musc-paper", dataset="visa")
 from .matching import MutualScores, mutual_scores
 from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFeatures, text_features, \
     text_features_full
@@ -24,11 +26,13 @@ from .prompts import ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, TextFe
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP",
     "ANOCLIP_OBJECT", "ANOCLIP_TEXTURE", "AnoCLIPConfig", "CLIPConfig", "CategoryResult", "Detection",
     "FiSeCLIPConfig", "MuScConfig", "PRESETS", "PromptSet", "TextConfig", "TextFeatures", "VisionConfig",
     "WINCLIP", "convert_clip", "detect", "detect_category", "encode_features", "encode_image", "encode_text",
     "get_config", "init_clip", "load_clip", "preprocess", "resolve_weights", "save_clip", "score_features",
     "text_features", "text_features_full", "tokenize", "make_mesh", "ring_mutual_scores", "sharded_encode_features",
-    "evaluate", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method", "default_match_layers",
+    "evaluate", "protocols", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method",
+    "default_match_layers",
     "Bank", "bank_threshold", "build_bank", "detect_with_bank", "gate", "load_bank", "save_bank", "update_bank",
 ]

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from .bank import Bank, detect_with_bank
 from .clip.config import CLIPConfig
-from .clip.preprocess import preprocess
 from .data import load_image
 from .errors import FewImagesWarning, FiseclipError
 from .distributed import pad_batch, replicate, shard_batch, sharded_encode_features
@@ -29,65 +28,88 @@ def encode_features(params, cfg: CLIPConfig, pixels, method: Method) -> dict:
     return method.encode(params, cfg, pixels)
 
 
-def score_features(feats, text, valid, method: Method, size: int, mesh=None) -> Detection:
-    """`method.score`: scores and maps of one batch from its features. Pure, jit-able."""
-    return method.score(feats, text, valid, size=size, mesh=mesh)
+def score_features(feats, text, valid, method: Method, size, mesh=None, state=None):
+    """`method.score`: scores and maps of one batch from its features. Pure, jit-able. With a carried
+    `state` (see `detect`), `method.score_state`: -> (Detection, next state)."""
+    if state is None:
+        return method.score(feats, text, valid, size=size, mesh=mesh)
+    return method.score_state(feats, text, valid, state, size=size, mesh=mesh)
+
+
+def map_size(shape):
+    """The map size of model inputs of shape [H, W, 3]: S when square, else (H, W)."""
+    h, w = shape[:2]
+    return h if h == w else (h, w)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "method"))
-def _detect(params, cfg, pixels, text, valid, method):
-    return method.score(method.encode(params, cfg, pixels), text, valid, size=pixels.shape[1])
+def _detect(params, cfg, pixels, text, valid, method, state=None):
+    feats = method.encode(params, cfg, pixels)
+    return score_features(feats, text, valid, method, map_size(pixels.shape[1:]), None, state)
 
 
-def detect(params, cfg: CLIPConfig, pixels, text, method: Method, valid=None, *, mesh=None) -> Detection:
-    """One method over one batch of one category: Detection(image_scores [B], anomaly_maps [B, S, S]).
+_NO_STATE = object()
+
+
+def detect(params, cfg: CLIPConfig, pixels, text, method: Method, valid=None, *, mesh=None, state=_NO_STATE):
+    """One method over one batch of one category: Detection(image_scores [B], anomaly_maps [B, H, W]).
 
     method: a method config (`fiseclip_jax.methods.get(name)`, or e.g. `FiSeCLIPConfig()`);
-    pixels: CLIP-normalised [B, S, S, 3]; text: [2, D] features or `TextFeatures`;
-    valid: [B] bool marks real images in a padded batch. Compiled once per shape.
-    MuSc and FiSeCLIP treat the batch as the reference set (MuSc: pass the whole category).
+    pixels: CLIP-normalised model inputs [B, H, W, 3] (`method.prepare`; S×S for most methods);
+    text: [2, D] features or `TextFeatures`; valid: [B] bool marks real images in a padded batch.
+    Compiled once per shape. MuSc and FiSeCLIP treat the batch as the reference set (MuSc: pass
+    the whole category).
+    state: what the previous batch of the category returned (`method.initial_state(cfg, text)` for
+    the first); given, the call returns (Detection, next state): how AnoCLIP+ carries its image
+    index and AdamW moments through a category in file order.
     mesh: optional `jax.sharding.Mesh` (`distributed.make_mesh`): the batch is split over its
     devices for encoding (B padded to a multiple of the device count) and matching runs on the
     device ring; the result equals the single-device one.
     """
     pixels = jnp.asarray(pixels, jnp.float32)
     valid = jnp.ones(pixels.shape[0], bool) if valid is None else jnp.asarray(valid, bool)
+    text = as_text(text)
+    carried = method.initial_state(cfg, text) if state is _NO_STATE else state
     if mesh is None:
-        return _detect(params, cfg, pixels, as_text(text), valid, method)
-    b = pixels.shape[0]
-    params, text = replicate((params, as_text(text)), mesh)
-    feats, _ = sharded_encode_features(params, cfg, pixels, method, mesh, return_valid=True)
-    valid_pad, _ = pad_batch(np.asarray(valid), mesh.size)  # padding rows are False
-    valid_pad = shard_batch(valid_pad, mesh)
-    det = _score_jit(feats, text, valid_pad, method, pixels.shape[1], mesh)
-    return Detection(*(a[:b] for a in det))
+        out = _detect(params, cfg, pixels, text, valid, method, carried)
+    else:
+        params, text, carried = replicate((params, text, carried), mesh)
+        feats, _ = sharded_encode_features(params, cfg, pixels, method, mesh, return_valid=True)
+        valid_pad, _ = pad_batch(np.asarray(valid), mesh.size)  # padding rows are False
+        valid_pad = shard_batch(valid_pad, mesh)
+        out = _score_jit(feats, text, valid_pad, method, map_size(pixels.shape[1:]), mesh, carried)
+    det, carried = out if carried is not None else (out, None)
+    if mesh is not None:
+        det = Detection(*(a[: pixels.shape[0]] for a in det))
+    return det if state is _NO_STATE else (det, carried)
 
 
 # ------------------------------------------------------------------ categories
 @dataclasses.dataclass
 class CategoryResult:
     image_scores: np.ndarray  # [N]
-    anomaly_maps: np.ndarray  # [N, S, S]
+    anomaly_maps: np.ndarray  # [N, H, W]; a list of [H_i, W_i] when the images' model inputs differ in shape
     num_refs: np.ndarray  # [N]
 
 
 class GroupResult(NamedTuple):
     """One scored group of a category: `indices` [k] of the images scored (into the input list), their
-    image_scores [k], anomaly_maps [k, S, S], num_refs [k]; `errors` {index: message} of images of this
-    group that could not be read (skipped); `group` the group's number (stable from run to run)."""
+    image_scores [k], anomaly_maps [k, H, W] (a list of [H_i, W_i] when their inputs differ in shape),
+    num_refs [k]; `errors` {index: message} of images of this group that could not be read (skipped);
+    `group` the group's number (stable from run to run)."""
 
     group: int
     indices: np.ndarray
     image_scores: np.ndarray
-    anomaly_maps: np.ndarray
+    anomaly_maps: Any
     num_refs: np.ndarray
     errors: dict
 
 
-def _load(item, size, resample):
+def _load(item, method, size, resample):
     if isinstance(item, (str, Path)):
         item = load_image(item)
-    return preprocess([item], size, resample)[0]
+    return method.prepare(item, size, resample)
 
 
 _encode_jit = jax.jit(encode_features, static_argnames=("cfg", "method"))
@@ -103,6 +125,26 @@ def _pad(x, b):
     return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
 
 
+def _runs(xs):
+    """Consecutive model inputs of one shape stacked: [(offset, [k, H, W, 3])] (file order kept)."""
+    out, start = [], 0
+    for i in range(1, len(xs) + 1):
+        if i == len(xs) or xs[i].shape != xs[start].shape:
+            out.append((start, np.stack(xs[start:i])))
+            start = i
+    return out
+
+
+def _join_maps(maps):
+    """[k_i, H, W] blocks -> one array, or a list of per-image maps when the blocks differ in shape."""
+    maps = [m for m in maps if len(m)]
+    if not maps:
+        return np.zeros((0, 0, 0), np.float32)
+    if len({m.shape[1:] for m in maps}) == 1:
+        return np.concatenate(maps)
+    return [m for block in maps for m in block]
+
+
 def category_groups(method: Method, n: int, encode_batch: int = 8) -> list[tuple[int, int]]:
     """[(lo, hi)] the images each scoring call of `iter_detect` takes: one group for a whole-category
     method, else consecutive groups of `method.group(n, encode_batch)` in input order."""
@@ -110,23 +152,29 @@ def category_groups(method: Method, n: int, encode_batch: int = 8) -> list[tuple
     return [(0, n)] if group is None else _batches(n, group)
 
 
-def _load_batch(items, lo, hi, size, resample, width, skip_errors):
-    """Decode images lo..hi-1 into a [width, S, S, 3] batch padded with copies of its last good image.
-    -> (pixels, valid [width], good indices, {index: error}); unreadable files fail, or are skipped."""
-    rows, good, errors = [], [], {}
+def _load_group(items, lo, hi, method, size, resample, skip_errors):
+    """Model inputs of images lo..hi-1 -> (list of [H, W, 3], good indices, {index: error}); an unreadable
+    file raises, or with skip_errors is left out and reported."""
+    xs, good, errors = [], [], {}
     for i in range(lo, hi):
         try:
-            rows.append(_load(items[i], size, resample))
+            xs.append(_load(items[i], method, size, resample))
             good.append(i)
         except FiseclipError as err:
             if not skip_errors:
                 raise
             errors[i] = str(err)
-    valid = np.arange(width) < len(rows)
-    if not rows:
-        return None, valid, np.array(good, int), errors
-    pixels = np.stack(rows)
-    return _pad(pixels, width), valid, np.array(good, int), errors
+    return xs, np.array(good, int), errors
+
+
+def _save_state(store, key, state):
+    store[key] = {"features": {f"{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state))},
+                  "indices": np.zeros(0, int), "errors": {}}
+
+
+def _restore_state(stored, like):
+    leaves = [stored["features"][k] for k in sorted(stored["features"])]
+    return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
 
 
 def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *, size: int,
@@ -134,12 +182,13 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                 mesh=None, skip_groups=(), feature_store=None, skip_errors: bool = False) -> Iterator[GroupResult]:
     """`detect_category` one scored group at a time (what a caller writes as it goes).
 
-    Groups are `category_groups(method, len(images), encode_batch)`; those in `skip_groups` are not
-    computed (a resumed run). Images are decoded one batch at a time, so memory does not grow with
-    the number of images. `feature_store` (a MutableMapping, e.g. on disk) keeps the encoded features
-    of a whole-category method per encode batch: a resumed run finds them there instead of encoding
-    again. skip_errors=True: an unreadable image is left out of its batch (reported in `errors`)
-    instead of raising.
+    Groups are `category_groups(method, len(images), encode_batch)`, scored in file order; a method's
+    carried state (`initial_state` / `score_state`, e.g. AnoCLIP+'s AdamW moments) is threaded from
+    group to group. Groups in `skip_groups` are not computed (a resumed run); their carried state is
+    read back from `feature_store` (a MutableMapping, e.g. on disk), which also keeps the encoded
+    features of a whole-category method per encode batch, so a resumed run does not encode again.
+    Images are decoded one group at a time, so memory does not grow with the number of images.
+    skip_errors=True: an unreadable image is left out of its batch (reported in `errors`).
     """
     n = len(images)
     if n == 0:
@@ -152,43 +201,56 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
         text = as_text(jnp.zeros((2, cfg.embed_dim)))
     whole = method.group(n, encode_batch) is None
     groups = category_groups(method, n, encode_batch)
+    state = method.initial_state(cfg, text)
     if mesh is not None:  # once, on every device of the mesh
-        params, text = replicate((params, text), mesh)
+        params, text, state = replicate((params, text, state), mesh)
     encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
     bar = _progress(progress, n, class_name)
     skip_groups = set(skip_groups)
     try:
         if not whole:
-            width = groups[0][1] - groups[0][0]  # every batch padded to one shape: one compilation
+            width = groups[0][1] - groups[0][0]  # every batch padded to one shape: one compilation per shape
             for g, (lo, hi) in enumerate(groups):
+                key = f"state-{g:06d}"
                 if g in skip_groups:
-                    bar.update(hi - lo)
-                    continue
-                pixels, valid, good, errors = _load_batch(images, lo, hi, size, resample, width, skip_errors)
-                if pixels is None:
-                    empty = np.zeros((0,), np.float32)
-                    yield GroupResult(g, good, empty, np.zeros((0, size, size), np.float32), empty.astype(np.int32),
-                                      errors)
-                else:
-                    det = detect(params, cfg, pixels, text, method, valid, mesh=mesh)
-                    k = len(good)
-                    yield GroupResult(g, good, np.asarray(det.image_scores)[:k], np.asarray(det.anomaly_maps)[:k],
-                                      np.asarray(det.num_refs)[:k], errors)
+                    stored = feature_store.get(key) if (state is not None and feature_store is not None) else None
+                    if state is None or stored is not None:
+                        state = state if state is None else _restore_state(stored, state)
+                        bar.update(hi - lo)
+                        continue
+                xs, good, errors = _load_group(images, lo, hi, method, size, resample, skip_errors)
+                scores, maps, refs = [], [], []
+                for _, run in _runs(xs):
+                    k = len(run)
+                    det, state = detect(params, cfg, _pad(run, width), text, method, np.arange(width) < k,
+                                        mesh=mesh, state=state)
+                    scores.append(np.asarray(det.image_scores)[:k])
+                    maps.append(np.asarray(det.anomaly_maps)[:k])
+                    refs.append(np.asarray(det.num_refs)[:k])
+                if state is not None and feature_store is not None:
+                    _save_state(feature_store, key, state)
+                empty = np.zeros((0,), np.float32)
+                yield GroupResult(g, good, np.concatenate(scores) if scores else empty, _join_maps(maps),
+                                  np.concatenate(refs) if refs else empty.astype(np.int32), errors)
                 bar.update(hi - lo)
             return
         if 0 in skip_groups:
             return
-        feats, good, errors = [], [], {}
+        feats, good, errors, shape = [], [], {}, None
         for b, (lo, hi) in enumerate(_batches(n, encode_batch)):
             key = f"{b:06d}"
             stored = feature_store.get(key) if feature_store is not None else None
             if stored is not None:
                 f, idx, err = stored["features"], stored["indices"], stored["errors"]
             else:
-                pixels, valid, idx, err = _load_batch(images, lo, hi, size, resample, encode_batch, skip_errors)
+                xs, idx, err = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 f = {}
-                if pixels is not None:
-                    out = encode(params, cfg, jnp.asarray(pixels), method)
+                if xs:
+                    if len({x.shape for x in xs} | ({shape} if shape else set())) > 1:
+                        raise FiseclipError(f"{method.label} scores the whole category at once, but the images of "
+                                            f"{class_name!r} give model inputs of different shapes")
+                    shape = xs[0].shape
+                    out = encode(params, cfg, jnp.asarray(_pad(np.stack(xs), encode_batch)), method)
                     f = jax.tree.map(lambda a: np.asarray(a)[: len(idx)], out)
                 if feature_store is not None:
                     feature_store[key] = {"features": f, "indices": idx, "errors": err}
@@ -204,7 +266,8 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             return
         bar.set_postfix_str("matching")
         all_feats = jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a)), *feats)
-        det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, size, mesh)
+        map_hw = map_size(shape) if shape is not None else size
+        det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, map_hw, mesh)
         yield GroupResult(0, good, np.asarray(det.image_scores), np.asarray(det.anomaly_maps),
                           np.asarray(det.num_refs), errors)
     finally:
@@ -214,22 +277,28 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
 def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *,
                     size: int, encode_batch: int = 8, resample: str = "bicubic", text=None,
                     progress: bool | Callable = True, mesh=None) -> CategoryResult:
-    """Run a whole category: images are paths, PIL images or uint8 HWC arrays.
+    """Run a whole category: images are paths, PIL images or uint8 HWC arrays, in file order.
 
-    `method.group(n, encode_batch)` says how images are scored: None (MuSc; FiSeCLIP with
-    batch_size 0) encodes in batches of `encode_batch`, then scores the whole category at
-    once; a number scores batches of that size. The last partial batch is padded and masked, so
-    one compilation serves every batch. With a `mesh` (`distributed.make_mesh`, one process),
-    each batch is split over its devices (parameters replicated) and matching runs as
-    `ring_mutual_scores`; `encode_batch` is then the global batch. Images are decoded one batch
-    at a time. `iter_detect` gives the same results one group at a time.
+    Each image becomes a model input through `method.prepare(image, size, resample)` (S×S for
+    most methods; AnoCLIP with tiles keeps the aspect, short side S). `method.group(n,
+    encode_batch)` says how images are scored: None (MuSc; FiSeCLIP with batch_size 0) encodes
+    in batches of `encode_batch`, then scores the whole category at once; a number scores
+    batches of that size, in file order, threading the method's carried state from batch to
+    batch (`method.initial_state` / `score_state`). The last partial batch is padded and
+    masked, so one compilation serves every batch. With a `mesh` (`distributed.make_mesh`,
+    one process), each batch is split over its devices (parameters replicated) and matching
+    runs as `ring_mutual_scores`; `encode_batch` is then the global batch. Images are decoded
+    one batch at a time; `iter_detect` gives the same results one group at a time.
     """
     if len(images) < method.min_images:
         warnings.warn(FewImagesWarning(few_images_message(method, len(images), class_name)), stacklevel=2)
     parts = list(iter_detect(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
                              resample=resample, text=text, progress=progress, mesh=mesh))
-    result = CategoryResult(*(np.concatenate([getattr(p, k) for p in parts])
-                              for k in ("image_scores", "anomaly_maps", "num_refs")))
+    blocks = [b for p in parts for b in ([m[None] for m in p.anomaly_maps] if isinstance(p.anomaly_maps, list)
+                                          else [np.asarray(p.anomaly_maps)])]
+    maps = _join_maps(blocks)
+    result = CategoryResult(np.concatenate([p.image_scores for p in parts]), maps,
+                            np.concatenate([p.num_refs for p in parts]))
     if (result.num_refs == 0).any():
         warnings.warn(FewImagesWarning(f"{int((result.num_refs == 0).sum())} image(s) of {class_name!r} had no "
                                        f"reference image to match against: {method.no_reference}"), stacklevel=2)
@@ -269,14 +338,14 @@ def iter_detect_bank(params, cfg: CLIPConfig, bank: Bank, images: Sequence[Any],
     try:
         for g, (lo, hi) in enumerate(groups):
             if g not in skip_groups:
-                pixels, valid, good, errors = _load_batch(images, lo, hi, meta.size, resample, encode_batch,
-                                                          skip_errors)
+                xs, good, errors = _load_group(images, lo, hi, meta.method, meta.size, resample, skip_errors)
                 k = len(good)
-                if pixels is None:
+                valid = np.arange(encode_batch) < k  # padded to one shape: one compilation
+                if not xs:
                     det = Detection(np.zeros((0,), np.float32), np.zeros((0, meta.size, meta.size), np.float32),
                                     np.zeros((0,), np.int32))
                 else:
-                    det = detect_with_bank(params, cfg, bank, pixels, text, None, valid)
+                    det = detect_with_bank(params, cfg, bank, _pad(np.stack(xs), encode_batch), text, None, valid)
                 yield GroupResult(g, good, *(np.asarray(a)[:k] for a in det), errors)
             bar.update(hi - lo)
     finally:

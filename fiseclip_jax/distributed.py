@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .matching import MutualScores
 from .ring import _axes, ring_mutual_scores
+from .errors import FiseclipError
 
 
 # ------------------------------------------------------------------ meshes and placement
@@ -30,7 +31,7 @@ def make_mesh(num_devices: int | None = None, axis: str = "batch", *, devices: S
     devices = list(jax.devices() if devices is None else devices)
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"num_devices must be in 1..{len(devices)}, got {num_devices}")
+            raise FiseclipError(f"num_devices must be in 1..{len(devices)}, got {num_devices}")
         devices = devices[:num_devices]
     return Mesh(np.array(devices), (axis,))
 
@@ -67,7 +68,7 @@ def shard_batch(tree, mesh: Mesh):
 
     def put(x):
         if np.shape(x)[0] % mesh.size:
-            raise ValueError(f"leading axis {np.shape(x)[0]} is not a multiple of the {mesh.size} devices; "
+            raise FiseclipError(f"leading axis {np.shape(x)[0]} is not a multiple of the {mesh.size} devices; "
                              "pad it first (pad_batch)")
         return _put(x, sharding)
 

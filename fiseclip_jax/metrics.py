@@ -18,6 +18,9 @@ data returns nan and emits a `MetricWarning` saying why —
   * AUPRO: needs at least one defect region and one normal pixel.
 Malformed input (empty arrays, shape mismatch, labels other than 0/1,
 non-finite scores, a bad `max_fpr`) raises ValueError.
+
+Pixel metrics take masks and maps as [N, H, W] arrays or, for images of different sizes
+(metrics at the original resolution, tiled wide images), as lists of [H_i, W_i] arrays.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "MetricWarning",
     "auroc",
     "average_precision",
+    "pr_auc",
     "f1_max",
     "aupro",
     "aupro_legacy",
@@ -138,6 +142,20 @@ class _Ranking:
         precision = self.tp / (self.tp + self.fp_ge)
         return float(np.sum(self.pos_count * precision) / self.n_pos)
 
+    def pr_auc(self) -> float:
+        if self.n_pos == 0:
+            return _undefined("PR AUC", "no positive samples")
+        # sklearn's auc(recall, precision) over precision_recall_curve: trapezoids between curve points;
+        # recall only moves at positive values, from the point just above each (precision with the
+        # negatives scoring strictly higher) to the point at it. Before the first positive the curve
+        # sits at (0, 1) when no negative scores higher, else at (0, 0).
+        recall = self.tp / self.n_pos
+        prev_tp = np.r_[0, self.tp[:-1]]
+        denom = prev_tp + self.fp_gt
+        p_before = np.where(denom > 0, prev_tp / np.maximum(denom, 1), 1.0)
+        p_at = self.tp / (self.tp + self.fp_ge)
+        return float(np.sum(np.diff(np.r_[0.0, recall]) * (p_before + p_at) / 2.0))
+
     def f1_max(self) -> float:
         if self.n_pos == 0:
             return _undefined("F1-max", "no positive samples")
@@ -158,37 +176,76 @@ def average_precision(labels, scores) -> float:
     return _Ranking.from_arrays(*_pair(labels, scores)).average_precision()
 
 
+def pr_auc(labels, scores) -> float:
+    """Trapezoidal area under the precision-recall curve, equal to sklearn's
+    `auc(recall, precision)` of `precision_recall_curve`: the "AP" column of AnoVL's image table
+    (SPEC §8). Not average precision (`average_precision`), which steps instead of interpolating."""
+    return _Ranking.from_arrays(*_pair(labels, scores)).pr_auc()
+
+
 def f1_max(labels, scores) -> float:
     """Max of 2PR/(P+R) over the precision-recall curve (finite points only)."""
     return _Ranking.from_arrays(*_pair(labels, scores)).f1_max()
 
 
-def image_metrics(labels, scores) -> dict[str, float]:
-    """image_AUROC, image_AP, image_F1Max of per-image scores; labels 1 = anomalous. [N], [N]."""
+IMAGE_AP = ("average_precision", "pr_auc")
+
+
+def image_metrics(labels, scores, *, ap: str = "average_precision") -> dict[str, float]:
+    """image_AUROC, image_AP, image_F1Max of per-image scores; labels 1 = anomalous. [N], [N].
+
+    ap: "average_precision" (default, sklearn's AP) or "pr_auc" (AnoVL's trapezoidal PR area)."""
+    if ap not in IMAGE_AP:
+        raise ValueError(f"ap must be one of {IMAGE_AP}, got {ap!r}")
     r = _Ranking.from_arrays(*_pair(labels, scores))
-    return {"image_AUROC": r.auroc(), "image_AP": r.average_precision(), "image_F1Max": r.f1_max()}
+    return {"image_AUROC": r.auroc(), "image_AP": r.average_precision() if ap == "average_precision" else r.pr_auc(),
+            "image_F1Max": r.f1_max()}
 
 
 # ------------------------------------------------------------------ AUPRO
-def _masks_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    y, s = _pair(masks, maps, ("masks", "maps"))
-    if y.ndim == 2:
-        y, s = y[None], s[None]
-    if y.ndim != 3:
-        raise ValueError(f"masks and maps must be [N, H, W] (or [H, W]), got shape {y.shape}")
-    return y, s
+def _ragged(x) -> bool:
+    return isinstance(x, (list, tuple)) and len({np.shape(m) for m in x}) > 1
 
 
-def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per defect pixel (C order of masks[masks]) 1 / (R * |its region|), and R.
+class _Pixels:
+    """Masks and maps of a pixel metric: y, s bool/float arrays of one shape ([N, H, W], or flat over
+    images of different sizes) and `regions`: each pixel's 8-connected defect region id (0: none)."""
+
+    def __init__(self, masks, maps):
+        if _ragged(masks) or _ragged(maps):
+            if len(masks) != len(maps):
+                raise ValueError(f"{len(masks)} masks for {len(maps)} maps")
+            pairs = [_pair(m, a, ("masks", "maps")) for m, a in zip(masks, maps)]
+            if any(y.ndim != 2 for y, _ in pairs):
+                raise ValueError("per-image masks and maps must each be [H, W]")
+            labels, offset = [], 0
+            for y, _ in pairs:
+                lab, k = ndimage.label(y, structure=_EIGHT_CONNECTED_2D[1])
+                labels.append(np.where(lab > 0, lab + offset, 0).ravel())
+                offset += k
+            self.y = np.concatenate([y.ravel() for y, _ in pairs])
+            self.s = np.concatenate([a.ravel() for _, a in pairs])
+            self.regions, self.n_regions = np.concatenate(labels), offset
+            return
+        y, s = _pair(np.asarray(masks) if isinstance(masks, (list, tuple)) else masks,
+                     np.asarray(maps) if isinstance(maps, (list, tuple)) else maps, ("masks", "maps"))
+        if y.ndim == 2:
+            y, s = y[None], s[None]
+        if y.ndim != 3:
+            raise ValueError(f"masks and maps must be [N, H, W] (or [H, W]), got shape {y.shape}")
+        self.y, self.s = y, s
+        self.regions, self.n_regions = ndimage.label(y, structure=_EIGHT_CONNECTED_2D)
+
+
+def _region_weights(px: _Pixels) -> tuple[np.ndarray, int]:
+    """Per defect pixel (C order of y[y]) 1 / (R * |its region|), and R.
 
     Regions: 8-connected components of each image's mask (SPEC §6)."""
-    regions, n_regions = ndimage.label(masks, structure=_EIGHT_CONNECTED_2D)
-    if n_regions == 0:
+    if px.n_regions == 0:
         return np.zeros(0), 0
-    ids = regions[masks]
-    size = np.bincount(ids, minlength=n_regions + 1).astype(np.float64)
-    return 1.0 / (n_regions * size[ids]), n_regions
+    ids = px.regions[px.y]
+    size = np.bincount(ids, minlength=px.n_regions + 1).astype(np.float64)
+    return 1.0 / (px.n_regions * size[ids]), px.n_regions
 
 
 def _integrate_to(x: np.ndarray, y: np.ndarray, max_fpr: float) -> float:
@@ -229,17 +286,18 @@ def _aupro_curve_area(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept, ma
     return float(np.clip(_integrate_to(x, y, max_fpr) / max_fpr, 0.0, 1.0))
 
 
-def _pro_inputs(y: np.ndarray):
+def _pro_inputs(px: _Pixels):
     """(region weights, normal-pixel count, why PRO is undefined or None)."""
-    weights, n_regions = _region_weights(y)
-    n_neg = int(y.size - np.count_nonzero(y))
+    weights, n_regions = _region_weights(px)
+    n_neg = int(px.y.size - np.count_nonzero(px.y))
     why = "no defect region in the masks" if n_regions == 0 else \
         "no normal pixel in the masks" if n_neg == 0 else None
     return weights, n_neg, why
 
 
-def _aupro_exact(y: np.ndarray, s: np.ndarray, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
-    weights, n_neg, why = _pro_inputs(y)
+def _aupro_exact(px: _Pixels, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
+    y, s = px.y, px.s
+    weights, n_neg, why = _pro_inputs(px)
     if why:
         return _undefined("AUPRO", why)
     pos = s[y]
@@ -263,8 +321,7 @@ def aupro(masks, maps, max_fpr: float = 0.3) -> float:
     included) scoring >= t. PRO is integrated over FPR on [0, max_fpr] by trapezoids, the
     curve linearly interpolated at max_fpr, and divided by max_fpr: a perfect map gives 1.
     """
-    y, s = _masks_maps(masks, maps)
-    return _aupro_exact(y, s, _check_max_fpr(max_fpr), None)
+    return _aupro_exact(_Pixels(masks, maps), _check_max_fpr(max_fpr), None)
 
 
 def aupro_legacy(masks, maps, num_thresholds: int = 200, max_fpr: float = 0.3) -> float:
@@ -282,11 +339,15 @@ def aupro_legacy(masks, maps, num_thresholds: int = 200, max_fpr: float = 0.3) -
     nan (with a warning) when fewer than two distinct FPRs are kept — as for a perfect
     map, whose FPR is 0 at every threshold below max_fpr (the scripts divide 0 by 0).
     """
-    y, s = _masks_maps(masks, maps)
+    return _aupro_legacy(_Pixels(masks, maps), num_thresholds, max_fpr)
+
+
+def _aupro_legacy(px: _Pixels, num_thresholds: int, max_fpr: float) -> float:
+    y, s = px.y, px.s
     max_fpr = _check_max_fpr(max_fpr)
     if int(num_thresholds) < 1:
         raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
-    weights, n_neg, why = _pro_inputs(y)
+    weights, n_neg, why = _pro_inputs(px)
     if why:
         return _undefined("AUPRO (legacy)", why)
     lo, hi = s.min(), s.max()
@@ -320,13 +381,14 @@ def pixel_metrics(masks, maps, *, aupro: str | None = "exact", max_fpr: float = 
     """
     if aupro not in ("exact", "legacy", None):
         raise ValueError(f"aupro must be 'exact', 'legacy' or None, got {aupro!r}")
-    y, s = _masks_maps(masks, maps)
+    px = _Pixels(masks, maps)
+    y, s = px.y, px.s
     max_fpr = _check_max_fpr(max_fpr)
     neg_sorted = np.sort(s[~y])
     r = _Ranking(s[y], neg_sorted)
     out = {"pixel_AUROC": r.auroc(), "pixel_AP": r.average_precision(), "pixel_F1Max": r.f1_max()}
     if aupro == "exact":
-        out["pixel_AUPRO"] = _aupro_exact(y, s, max_fpr, neg_sorted)
+        out["pixel_AUPRO"] = _aupro_exact(px, max_fpr, neg_sorted)
     elif aupro == "legacy":
-        out["pixel_AUPRO"] = aupro_legacy(y, s, max_fpr=max_fpr)
+        out["pixel_AUPRO"] = _aupro_legacy(px, 200, max_fpr)
     return out

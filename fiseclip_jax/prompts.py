@@ -2,28 +2,36 @@
 
 A `PromptSet` is plain data: print it, edit it with `dataclasses.replace`, pass it
 back. `text_features` gives the [2, D] (normal, abnormal) class embeddings: the
-L2-normalised mean of the *unnormalised* sentence embeddings of each side.
+L2-normalised mean of the *unnormalised* sentence embeddings of each side. Sentence
+embeddings are cached in memory and in the user cache folder (SPEC §3: they depend
+only on weights, class name and prompt set).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from .cache import key_digest, load_arrays, save_arrays, tree_fingerprint
+from .cache import enabled as cache_enabled
 from .clip.config import CLIPConfig
 from .clip.modeling import encode_text
-from .clip.tokenizer import tokenize
+from .clip.tokenizer import tokenize, trim_context
+from .errors import FiseclipError
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
-    """Sentences are `template.format(state.format(class_name))` for every pair."""
+    """Sentences are `template.format(state.format(class_name))` for every pair, template-major (all
+    states of the first template, then the next template): AnoVL's order, which decides which row of
+    the AnoCLIP+ text adapter pairs with which sentence (SPEC §4.5)."""
 
     name: str
     normal_states: tuple[str, ...]
@@ -32,7 +40,7 @@ class PromptSet:
 
     def sentences(self, class_name: str) -> tuple[list[str], list[str]]:
         def side(states):
-            return [t.format(s.format(class_name)) for s in states for t in self.templates]
+            return [t.format(s.format(class_name)) for t in self.templates for s in states]
 
         return side(self.normal_states), side(self.abnormal_states)
 
@@ -111,7 +119,7 @@ def get_prompt_set(prompts: "str | PromptSet", class_name: str) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
     if prompts not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {prompts!r}; use one of {sorted(PROMPT_SETS)} or a PromptSet")
+        raise FiseclipError(f"unknown prompt set {prompts!r}; use one of {sorted(PROMPT_SETS)} or a PromptSet")
     return PROMPT_SETS[prompts](class_name)
 
 
@@ -124,37 +132,72 @@ class TextFeatures(NamedTuple):
 
 
 _CACHE: dict = {}
+# Bump when what a cached text entry holds, or how it is computed, changes.
+TEXT_CACHE_FORMAT = 1
+# Tokens per text-tower call: bounds memory; at 16-token prompts it is 256 sentences a call.
+TOKENS_PER_CALL = 4096
 
 
-def _weights_fingerprint(params) -> str:
-    h = hashlib.sha1()
-    for leaf in (params["text"]["proj"], params["text"]["ln_final"]["scale"], params["text"]["pos_embed"]):
-        h.update(np.asarray(leaf).tobytes())
-    return h.hexdigest()
+def _row_chunks(n: int, width: int) -> tuple[int, int]:
+    """(rows per call, calls) for n sentences of `width` tokens: equal calls, rows a multiple of 8."""
+    max_rows = max(8, TOKENS_PER_CALL // width // 8 * 8)
+    calls = -(-n // max_rows)
+    rows = -(-n // calls)
+    return -(-rows // 8) * 8, calls
 
 
-def _embed_sentences(params, cfg: CLIPConfig, sentences: list[str], chunk: int = 128) -> np.ndarray:
-    ids = tokenize(sentences, cfg.text.context_length)
-    pad = (-len(ids)) % chunk  # one compiled shape for every chunk
+def _embed_sentences(params, cfg: CLIPConfig, sentences: list[str]) -> np.ndarray:
+    """Unnormalised text embeddings [N, D], the tower run at the shortest bucketed context."""
+    ids = trim_context(tokenize(sentences, cfg.text.context_length))
+    rows, calls = _row_chunks(len(ids), ids.shape[1])
+    pad = rows * calls - len(ids)  # every call has one shape: one compilation
     ids = np.concatenate([ids, np.repeat(ids[:1], pad, 0)]) if pad else ids
-    out = [np.asarray(encode_text(params, cfg, ids[i:i + chunk])) for i in range(0, len(ids), chunk)]
+    out = [np.asarray(encode_text(params, cfg, ids[i:i + rows])) for i in range(0, len(ids), rows)]
     return np.concatenate(out)[: len(sentences)]
 
 
-def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip") -> TextFeatures:
-    """Class features and per-sentence features, cached per (weights, class name, prompt set)."""
-    class_name = clean_class_name(class_name)
-    pset = get_prompt_set(prompts, class_name)
-    key = (_weights_fingerprint(params), cfg, class_name, pset)
-    if key not in _CACHE:
-        normal, abnormal = pset.sentences(class_name)
-        emb = _embed_sentences(params, cfg, normal + abnormal)
-        sides = (emb[: len(normal)], emb[len(normal):])
-        feats = np.stack([s.mean(0) for s in sides])
-        feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
-        normed = [s / np.linalg.norm(s, axis=-1, keepdims=True) for s in sides]
-        _CACHE[key] = TextFeatures(jnp.asarray(feats), jnp.asarray(normed[0]), jnp.asarray(normed[1]))
-    return _CACHE[key]
+def _text_cache_key(params, cfg: CLIPConfig, class_name: str, pset: PromptSet, sentences: list[str]) -> dict:
+    """Everything the embeddings depend on: weights, architecture, the exact sentences."""
+    return {"format": TEXT_CACHE_FORMAT, "weights": tree_fingerprint(params), "clip": cfg.to_dict(),
+            "class_name": class_name, "prompt_set": pset.name,
+            "sentences": hashlib.sha256(json.dumps(sentences).encode()).hexdigest()}
+
+
+def _cached_embeddings(key: dict, num_sentences: int, dim: int) -> np.ndarray | None:
+    arrays = load_arrays("text", key)
+    emb = None if arrays is None else arrays.get("embeddings")
+    if emb is None or emb.shape != (num_sentences, dim) or emb.dtype != np.float32 or not np.isfinite(emb).all():
+        return None
+    return emb
+
+
+def text_features_full(params, cfg: CLIPConfig, class_name: str, prompts="winclip", *,
+                       disk_cache: bool | None = None, verbatim: bool = False) -> TextFeatures:
+    """Class features and per-sentence features, cached per (weights, class name, prompt set).
+
+    Kept in memory for the process and, unless `disk_cache` is False (default: `cache.enabled()`),
+    in the user cache folder (`fiseclip_jax.cache`), so a later run encodes no prompt.
+    verbatim: use `class_name` as given (AnoVL prompts folder names such as "metal_nut" as they are).
+    """
+    class_name = class_name if verbatim else clean_class_name(class_name)
+    pset = get_prompt_set(prompts, clean_class_name(class_name))
+    normal, abnormal = pset.sentences(class_name)
+    key = _text_cache_key(params, cfg, class_name, pset, normal + abnormal)
+    mem_key = key_digest(key)
+    if mem_key in _CACHE:
+        return _CACHE[mem_key]
+    use_disk = cache_enabled() if disk_cache is None else disk_cache
+    emb = _cached_embeddings(key, len(normal) + len(abnormal), cfg.embed_dim) if use_disk else None
+    if emb is None:
+        emb = _embed_sentences(params, cfg, normal + abnormal).astype(np.float32)
+        if use_disk:
+            save_arrays("text", key, {"embeddings": emb})
+    sides = (emb[: len(normal)], emb[len(normal):])
+    feats = np.stack([s.mean(0) for s in sides])
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    normed = [s / np.linalg.norm(s, axis=-1, keepdims=True) for s in sides]
+    _CACHE[mem_key] = TextFeatures(jnp.asarray(feats), jnp.asarray(normed[0]), jnp.asarray(normed[1]))
+    return _CACHE[mem_key]
 
 
 def text_features(params, cfg: CLIPConfig, class_name: str, prompts="winclip"):

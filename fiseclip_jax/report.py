@@ -53,7 +53,7 @@ def build_results(base: Path, names: list[str], header: dict) -> dict:
     for name in names:
         rec = json.loads((base / name / "metrics.json").read_text())
         categories[name] = {k: rec[k] for k in ("n_images", "n_normal", "n_anomalous", "n_unlabelled",
-                                                "metrics", "percent")}
+                                                "metrics", "percent", "metric_sizes") if k in rec}
     mean = mean_metrics([c["metrics"] for c in categories.values()])
     return {**header, "metric_names": [m for m in METRIC_NAMES if m in mean] if categories else [],
             "categories": categories,
@@ -82,11 +82,20 @@ def markdown(results: dict) -> str:
         lines += [f"> **RANDOM WEIGHTS ({results['weights']}): these numbers are MEANINGLESS.** "
                   "They only show that the pipeline runs.", ""]
     n = results["mean"]["n_categories"]
-    lines += [f"Percent, 1 decimal; mean over {n} categor{'y' if n == 1 else 'ies'} "
-              f"(of the fractions). Input {size}x{size}. Pixel metrics at the anomaly-map resolution "
-              f"{size}x{size}: masks resized to {size}x{size} and binarised "
-              f"({'strict: only fully white pixels' if results['mask_rule'] == 'strict' else '> 0.5'}); "
-              f"AUPRO: {results['aupro']} (FPR up to 0.3).", ""]
+    rule = {"strict": "strict: only fully white pixels", "resize>0": "> 0: every nonzero pixel"}.get(
+        results["mask_rule"], "> 0.5")
+    if results.get("metric_resolution", "input") == "original":
+        pixels = ("Pixel metrics at each image's original resolution: maps resized bilinearly to it, "
+                  "masks as stored")
+    else:
+        sizes = sorted({sz for c in results["categories"].values() for sz in c.get("metric_sizes", ())})
+        pixels = (f"Pixel metrics at the anomaly-map resolution ({', '.join(sizes) or 'the input size'}): "
+                  f"masks resized to it and binarised ({rule})")
+    ap = "auc(recall, precision), AnoVL's column" if results.get("image_ap") == "pr_auc" else "average precision"
+    protocol = f"Protocol {results['protocol']}. " if results.get("protocol") else ""
+    lines += [f"{protocol}Percent, 1 decimal; mean over {n} categor{'y' if n == 1 else 'ies'} "
+              f"(of the fractions). Input size {size} ({results.get('resample', 'bicubic')} resize). {pixels}; "
+              f"AUPRO: {results['aupro']} (FPR up to 0.3); image_AP: {ap}.", ""]
     head, rows = _rows(results)
     if not results["metric_names"]:
         lines += ["No labels: scores only (see each category's scores.csv).", ""]

@@ -266,7 +266,7 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
 
     groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
     done = {g for g, (lo, hi) in enumerate(groups)
-            if (partial / "maps" / f"{g:06d}.npy").exists() and all(rels[i] in rows for i in range(lo, hi))}
+            if (partial / "maps" / f"{g:06d}.npz").exists() and all(rels[i] in rows for i in range(lo, hi))}
     status.done = sum(hi - lo for g, (lo, hi) in enumerate(groups) if g in done)
     if done:
         say(f"resuming: {status.done} of {n} images already scored")
@@ -287,7 +287,7 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     for res in results:
         lo, hi = groups[res.group]
         with WRITE_LOCK:
-            np.save(partial / "maps" / f"{res.group:06d}.npy", res.anomaly_maps)
+            _save_maps(partial / "maps" / f"{res.group:06d}.npz", res.anomaly_maps)
             for i, score in zip(res.indices, res.image_scores):
                 written = f"{float(score):.6f}"  # decided on the score as written: the CSV agrees with itself
                 rows[rels[i]] = _row(rels[i], plan.category.samples[i].label, score=written,
@@ -324,6 +324,18 @@ def _row(rel, label, score="", error="", decision=""):
     return {"file": rel, "score": score, "label": "" if label is None else label, "decision": decision, "error": error}
 
 
+def _save_maps(path: Path, maps) -> None:
+    """A group's maps ([k, H, W], or k maps of different sizes for tiled wide images), atomically."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, *[np.asarray(m) for m in maps])
+    os.replace(tmp, path)
+
+
+def _load_maps(path: Path) -> list[np.ndarray]:
+    with np.load(path) as z:
+        return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+
 def _read_state(path: Path):
     try:
         return json.loads(path.read_text())
@@ -334,11 +346,10 @@ def _read_state(path: Path):
 def _overlays(plan: DetectPlan, groups, partial: Path, rows) -> list[float] | None:
     """image | heat map for every scored image, on one colour scale for the folder; maps read back
     one batch at a time from .partial/maps (memory does not grow with the folder)."""
-    files = [partial / "maps" / f"{g:06d}.npy" for g in range(len(groups))]
+    files = [partial / "maps" / f"{g:06d}.npz" for g in range(len(groups))]
     lows, highs = [], []
     for f in files:
-        m = np.load(f)
-        if m.size:
+        for m in _load_maps(f):
             lows.append(float(m.min()))
             highs.append(float(m.max()))
     if not lows:
@@ -347,7 +358,7 @@ def _overlays(plan: DetectPlan, groups, partial: Path, rows) -> list[float] | No
     (plan.out / "overlays").mkdir(exist_ok=True)
     rels = plan.rels
     for (lo, hi), f in zip(groups, files):
-        maps = np.load(f)
+        maps = _load_maps(f)
         scored = [i for i in range(lo, hi) if rows.get(rels[i], {}).get("score")]
         for i, amap in zip(scored, maps):
             side_by_side(load_image(plan.paths[i]), amap, vmin=vmin, vmax=vmax).save(

@@ -120,7 +120,10 @@ def check_detect_category(mesh):
     # MuSc: whole category on the ring; FiSeCLIP batch 4 of 6: two ring batches, one padded, with
     # text-filtered references (some images keep none). tau = 1: at CLIP's 100 the tiny random
     # model's CLS softmax saturates and the batch min-max would amplify float rounding.
-    for config in (MuScConfig(layers=(2, 4), r_list=(1, 3)),
+    # MuSc with k_list=(1,): RsCIN over six copies of one texture would rank near-identical CLS
+    # embeddings by float rounding (a top-k near-tie flips a neighbour and moves a score by ~6e-3);
+    # RsCIN runs on gathered scores, the same function with or without a mesh.
+    for config in (MuScConfig(layers=(2, 4), r_list=(1, 3), k_list=(1,)),
                    FiSeCLIPConfig(layers=(4,), r_list=(1,), batch_size=4, tau=1.0)):
         kw = dict(size=32, encode_batch=4, text=text, progress=False)
         with warnings.catch_warnings():  # "no reference image" is expected here
@@ -129,10 +132,13 @@ def check_detect_category(mesh):
             got = detect_category(params, cfg, images, "thing", config, mesh=mesh, **kw)
         what = f"detect_category {config.name} mesh={dict(mesh.shape)}"
         np.testing.assert_array_equal(got.num_refs, want.num_refs, what)
-        assert_close(got.anomaly_maps, want.anomaly_maps, what)
+        # FiSeCLIP's fused map min-max normalises the matching scores over the batch: the ring's other
+        # summation order (~1e-7) is divided by their spread, which lands near 1e-5 (1.2e-5 seen).
+        assert_close(got.anomaly_maps, want.anomaly_maps, what, tol=TOL if config.name == "musc" else 5e-5)
         # Image scores are min-max normalised over the category/batch (RsCIN, FiSeCLIP step 7):
-        # dividing by a raw-score spread of ~0.1 magnifies the maps' 1e-7 rounding tenfold or more.
-        assert_close(got.image_scores, want.image_scores, what, tol=1e-4)
+        # dividing by a raw-score spread of ~0.1 magnifies the maps' 1e-7 rounding tenfold or more;
+        # FiSeCLIP normalises twice (fused map, then image score): 1.2e-4 seen.
+        assert_close(got.image_scores, want.image_scores, what, tol=1e-4 if config.name == "musc" else 5e-4)
 
 
 def check_detect(mesh):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_round_trip_bit_exact(saved):
     out, params, cfg = saved
     assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "params"]
+    assert json.loads((out / "config.json").read_text())["format_version"] == 2
     got, got_cfg = load_clip(out)
     assert got_cfg == cfg
     assert_trees_equal(got, params)
@@ -87,10 +89,15 @@ def test_save_refuses_to_overwrite_and_checks_shapes(saved, tmp_path):
         save_clip(params, cfg, out)
     again = save_clip(params, cfg, _copy(out, tmp_path / "c"), overwrite=True)
     assert_trees_equal(load_clip(again)[0], params)
-    msg = r"do not match config ViT-B/32: text\.blocks\.attn\.k\.bias: given \(2, 32\) float32 vs expected \(12, 512\)"
+    msg = r"do not match config ViT-B/32: text\.ln_final\.bias: given \(32,\) float32 vs expected \(512,\)"
     with pytest.raises(CheckpointError, match=msg):
         save_clip(params, get_config("ViT-B/32"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def write_config(ckpt: Path, cfg, version: int | None) -> None:
+    d = cfg.to_dict() if version is None else dict(cfg.to_dict(), format_version=version)
+    (ckpt / "config.json").write_text(json.dumps(d))
 
 
 def _data_files(ckpt: Path) -> list[Path]:
@@ -136,10 +143,10 @@ def test_checksum_mismatch(saved, tmp_path):
 
 def test_wrong_architecture_config(saved, tmp_path):
     ckpt = _copy(saved[0], tmp_path / "arch")
-    (ckpt / "config.json").write_text(get_config("ViT-B/32").to_json())
-    with pytest.raises(CheckpointError, match=r"arch: config\.json describes ViT-B/32 but the stored arrays do not "
-                                              r"fit it: text\.blocks\.attn\.k\.bias: stored \(2, 32\) float32 vs "
-                                              r"expected \(12, 512\)"):
+    write_config(ckpt, get_config("ViT-B/32"), 2)
+    with pytest.raises(CheckpointError, match=r"arch: config\.json describes ViT-B/32 \(format_version 2\) but the "
+                                              r"stored arrays do not fit it: text\.ln_final\.bias: stored \(32,\) "
+                                              r"float32 vs expected \(512,\)"):
         load_clip(ckpt)
 
 
@@ -228,3 +235,83 @@ def test_resolve_weights(saved):
     assert_trees_equal(params, saved[1])
     with pytest.raises(ValueError, match="unknown CLIP preset"):
         resolve_weights("random:ViT-X/99")
+
+
+# ---------------------------------------------------------------- format versions
+def write_v1_checkpoint(params, cfg, out: Path) -> Path:
+    """What save_clip wrote before format 2: each tower's blocks stacked on a leading axis under
+    `blocks`, config.json without format_version (nor dtype), checksums of the stacked leaves."""
+    import orbax.checkpoint as ocp
+
+    v1 = {"logit_scale": params["logit_scale"]}
+    for tower in ("vision", "text"):
+        t = {k: v for k, v in params[tower].items() if k != "transformer"}
+        blocks = params[tower]["transformer"]
+        t["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[blocks[f"blocks_{i}"] for i in range(len(blocks))])
+        v1[tower] = t
+    assert v1["vision"]["blocks"]["attn"]["q"]["kernel"].shape == (cfg.vision.layers, 32, 32)
+    out.mkdir()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / "params", v1)
+        ckpt.wait_until_finished()
+    old_config = {k: v for k, v in cfg.to_dict().items() if k != "dtype"}
+    (out / "config.json").write_text(json.dumps(old_config, indent=2, sort_keys=True))
+    flat = {jax.tree_util.keystr(p, simple=True, separator="."): x
+            for p, x in jax.tree_util.tree_flatten_with_path(v1)[0]}
+    sums = {k: hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for k, x in flat.items()}
+    (out / "checksums.json").write_text(json.dumps(sums))
+    return out
+
+
+def test_format_1_checkpoint_is_upgraded_on_load(tmp_path):
+    cfg = get_config("tiny-gelu")
+    params = random_params(cfg, seed=3)
+    ckpt = write_v1_checkpoint(params, cfg, tmp_path / "v1")
+    got, got_cfg = load_clip(ckpt)
+    assert got_cfg == cfg and got_cfg.dtype == "float32"  # an old config.json has no dtype
+    assert_trees_equal(got, params)
+    s = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    got, _ = load_clip(ckpt, sharding=jax.tree.map(lambda _: s, params))
+    assert all(x.sharding == s for x in jax.tree.leaves(got))
+    assert_trees_equal(got, params)
+    # the checksums of the stacked leaves are still verified
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    sums["text.blocks.mlp.fc1.kernel"] = "0" * 64
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(CheckpointError, match=r"differ from checksums\.json \(text\.blocks\.mlp\.fc1\.kernel\)"):
+        load_clip(ckpt)
+
+
+def test_unknown_format_version_says_how_to_reconvert(saved, tmp_path):
+    ckpt = _copy(saved[0], tmp_path / "future")
+    write_config(ckpt, saved[2], 3)
+    with pytest.raises(CheckpointError, match=r"future: checkpoint format_version 3 .*re-convert the original "
+                                              r"weights with this version: `fiseclip-jax convert SRC --out DIR"):
+        load_clip(ckpt)
+
+
+# ---------------------------------------------------------------- random weights
+def test_random_weights_follow_the_module_initialisers():
+    """init_clip (numpy draws) against flax's own CLIP.init: same tree, and per leaf the same
+    distribution: zeros, ones, the logit-scale constant, or N(0, 0.02²)."""
+    from fiseclip_jax.clip.model import CLIP
+
+    cfg = get_config("tiny")
+    params, _, _ = resolve_weights("random:tiny", seed=7)
+    init = jax.jit(CLIP(cfg).init)  # one compile, not one per op
+    ref = init(jax.random.key(7, impl="rbg"), np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, 5), np.int32))
+    ref = ref["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(ref)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref)):
+        x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
+        assert x.shape == y.shape and x.dtype == y.dtype == np.float32, name
+        if np.all(y == y.flat[0]):  # a constant initialiser: zeros, ones, log(1/0.07)
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            assert abs(x.std() - 0.02) < 0.2 * 0.02 + 4 * 0.02 / np.sqrt(x.size), name
+            assert abs(y.std() - 0.02) < 0.2 * 0.02 + 4 * 0.02 / np.sqrt(y.size), name
+            assert abs(x.mean()) < 4 * 0.02 / np.sqrt(x.size), name
+    big = np.asarray(params["text"]["token_embed"]).ravel()  # 1.6M draws: a sharp check of N(0, 0.02²)
+    assert abs(big.std() - 0.02) < 1e-4 and abs(big.mean()) < 1e-4
+    np.testing.assert_allclose(np.mean(np.abs(big) < 0.02), 0.6827, atol=2e-3)
+    assert float(params["logit_scale"]) == pytest.approx(np.log(1 / 0.07))

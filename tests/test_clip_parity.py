@@ -1,5 +1,6 @@
 """Stage-by-stage parity of our JAX CLIP with transformers' PyTorch CLIP (random weights)."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -37,17 +38,14 @@ def test_image_tower(preset, size, layers):
         vm = model.vision_model
         ref_emb = vm.pre_layrnorm(vm.embeddings(torch.from_numpy(pixels).permute(0, 3, 1, 2),
                                                 interpolate_pos_encoding=True)).numpy()
-    assert np.abs(np.asarray(embed_image_tokens(params, cfg, pixels)) - ref_emb).max() <= TOL
+        # patch_embeds: ln_post + proj on the final patch tokens
+        ref_patch = model.visual_projection(vm.post_layernorm(ref.last_hidden_state[:, 1:])).numpy()
+    chex.assert_trees_all_close(embed_image_tokens(params, cfg, pixels), ref_emb, atol=TOL, rtol=0)
     # hidden_states[l] is the residual stream after block l (1-indexed), as ours
-    for layer in layers:
-        err = np.abs(np.asarray(out["block_tokens"][layer]) - ref.hidden_states[layer].numpy()).max()
-        assert err <= TOL, (preset, size, layer, err)
-    assert np.abs(np.asarray(out["image_embeds"]) - ref_embeds).max() <= TOL
-    # patch_embeds: ln_post + proj on the final patch tokens
-    with torch.no_grad():
-        last = ref.last_hidden_state[:, 1:]
-        ref_patch = model.visual_projection(model.vision_model.post_layernorm(last)).numpy()
-    assert np.abs(np.asarray(out["patch_embeds"]) - ref_patch).max() <= TOL
+    chex.assert_trees_all_close(out["block_tokens"], {layer: ref.hidden_states[layer].numpy() for layer in layers},
+                                atol=TOL, rtol=0)
+    chex.assert_trees_all_close(out["image_embeds"], ref_embeds, atol=TOL, rtol=0)
+    chex.assert_trees_all_close(out["patch_embeds"], ref_patch, atol=TOL, rtol=0)
     assert out["patch_embeds"].shape == (2, (size // cfg.vision.patch_size) ** 2, cfg.embed_dim)
 
 
@@ -69,8 +67,7 @@ def test_text_tower(preset):
     with torch.no_grad():
         t = model.text_model(input_ids=torch.from_numpy(ids).long())
         ref = model.text_projection(t.pooler_output).numpy()
-    err = np.abs(np.asarray(encode_text(params, cfg, ids)) - ref).max()
-    assert err <= TOL, err
+    chex.assert_trees_all_close(encode_text(params, cfg, ids), ref, atol=TOL, rtol=0)
 
 
 def test_logit_scale():

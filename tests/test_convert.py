@@ -376,7 +376,8 @@ def test_missing_key(tiny, tmp_path):
 def test_missing_block(tiny, tmp_path):
     _, _, osd = tiny
     sd = {k: v for k, v in osd.items() if not k.startswith("transformer.resblocks.0.mlp.c_fc")}
-    msg = r"text\.blocks\.mlp\.fc1\.(kernel|bias): blocks \[1\] found, expected 0\.\.1"
+    msg = (r"missing parameters \['text\.transformer\.blocks_0\.mlp\.fc1\.bias', "
+           r"'text\.transformer\.blocks_0\.mlp\.fc1\.kernel'\]")
     with pytest.raises(ConversionError, match=msg):
         convert_clip(_save(sd, tmp_path / "m.safetensors"), arch="tiny", act="gelu")
 

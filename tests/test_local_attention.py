@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 from clip_reference import hf_model_and_params, random_pixels  # noqa: E402
 
 from fiseclip_jax import encode_image  # noqa: E402
+from fiseclip_jax.clip.attention import attend  # noqa: E402
+from fiseclip_jax.clip.layers import ResidualBlock  # noqa: E402
 
 
 def heads(x, n):
@@ -93,3 +95,32 @@ def test_bad_arguments():
         encode_image(params, cfg, random_pixels(1, 36))
     with pytest.raises(ValueError, match="outside 1..4"):
         encode_image(params, cfg, random_pixels(1, 32), layers=(0,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attend_is_scaled_dot_product_attention(causal):
+    """The kernel seam against torch's own scaled_dot_product_attention ([B, H, T, dh] there)."""
+    rng = np.random.RandomState(7)
+    a, b, v = (rng.randn(2, 9, 3, 8).astype(np.float32) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(t).transpose(1, 2) for t in (a, b, v)), is_causal=causal, scale=0.3).transpose(1, 2)
+    np.testing.assert_allclose(np.asarray(attend(a, b, v, scale=0.3, causal=causal)), ref.numpy(), atol=1e-6)
+
+
+def test_residual_block_module_is_the_torch_layer():
+    """One `ResidualBlock`, applied by itself to its slice of the tree, against transformers' layer 2."""
+    model, params, cfg = hf_model_and_params("tiny")
+    v = cfg.vision
+    block = ResidualBlock(v.width, v.heads, v.mlp_dim, cfg.act, cfg.layer_norm_eps)
+    x = np.random.RandomState(8).randn(2, 17, v.width).astype(np.float32)
+    with torch.no_grad():
+        y = model.vision_model.encoder.layers[2](torch.from_numpy(x), None)
+    ref = (y[0] if isinstance(y, tuple) else y).numpy()
+    got = block.apply({"params": params["vision"]["transformer"]["blocks_2"]}, x)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+    # and its second path in mode qq (ClearCLIP) is the formula of the SPEC §2 table
+    layer = model.vision_model.encoder.layers[2]
+    with torch.no_grad():
+        want = attn_out(layer, layer.layer_norm1(torch.from_numpy(x)), "qq", v.heads).numpy()
+    got = block.apply({"params": params["vision"]["transformer"]["blocks_2"]}, x, x, "qq", method="local")
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)

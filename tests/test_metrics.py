@@ -45,27 +45,29 @@ def _integrate_clipped(xs, ys, max_fpr):
     return area
 
 
-def slow_aupro(masks, maps, max_fpr=0.3):
+def slow_aupro(masks, maps, max_fpr=0.3, valid=None):
+    """valid: pixels that exist (images of different sizes drawn on one canvas); default all."""
     masks = masks.astype(bool)
     regions = _regions(masks)
-    normal = ~masks
+    normal = ~masks if valid is None else ~masks & valid
     xs, ys = [0.0], [0.0]
-    for t in np.unique(maps)[::-1]:  # every distinct threshold, high to low
+    for t in np.unique(maps if valid is None else maps[valid])[::-1]:  # every distinct threshold, high to low
         above = maps >= t
         ys.append(np.mean([above[r].mean() for r in regions]))
         xs.append(above[normal].mean())
     return _integrate_clipped(xs, ys, max_fpr) / max_fpr
 
 
-def slow_aupro_legacy(masks, maps, num_thresholds=200, max_fpr=0.3):
+def slow_aupro_legacy(masks, maps, num_thresholds=200, max_fpr=0.3, valid=None):
     masks = masks.astype(bool)
     regions = _regions(masks)
-    lo, hi = maps.min(), maps.max()
+    normal = ~masks if valid is None else ~masks & valid
+    lo, hi = (maps.min(), maps.max()) if valid is None else (maps[valid].min(), maps[valid].max())
     pros, fprs = [], []
     for th in np.arange(lo, hi, (hi - lo) / num_thresholds):
         predicted = maps > th
         pros.append(np.mean([predicted[r].mean() for r in regions]))
-        fprs.append(predicted[~masks].mean())
+        fprs.append(predicted[normal].mean())
     pros, fprs = np.array(pros), np.array(fprs)
     keep = fprs < max_fpr
     fprs, pros = fprs[keep], pros[keep]
@@ -116,6 +118,46 @@ def test_extreme_ties_equal_sklearn():
     constant = np.zeros(300)  # one threshold: AUROC 1/2, AP = F1 precision = prevalence
     assert metrics.auroc(labels, constant) == 0.5
     assert metrics.average_precision(labels, constant) == pytest.approx(labels.mean(), abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tied", [False, True])
+def test_pr_auc_equals_sklearn_auc_of_the_pr_curve(seed, tied):
+    """AnoVL's image "AP" column: sklearn's auc(recall, precision), trapezoids, not average precision."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.4
+    scores = rng.normal(size=200) + 0.8 * labels
+    if tied:
+        scores = np.round(scores, 1)
+    scores[np.argmax(scores)] += 5.0 * (seed % 2)  # half the cases: a negative or a positive on top
+    labels[np.argmax(scores)] = bool(seed % 4 < 2)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    assert metrics.pr_auc(labels, scores) == pytest.approx(auc(recall, precision), abs=1e-12)
+    out = metrics.image_metrics(labels, scores, ap="pr_auc")
+    assert out["image_AP"] == pytest.approx(auc(recall, precision), abs=1e-12)
+    assert out["image_AP"] != pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+
+
+def test_pixel_metrics_of_images_of_different_sizes():
+    """Lists of [H_i, W_i] (metrics at the original resolution, tiled wide images): all pixels together,
+    regions per image. Oracle: the slow definitions on one canvas where only real pixels count."""
+    masks, maps = random_case(5, n=3, size=14, decimals=1)
+    sizes = [(14, 14), (9, 14), (14, 6)]
+    ragged_masks = [m[:h, :w] for m, (h, w) in zip(masks, sizes)]
+    ragged_maps = [m[:h, :w] for m, (h, w) in zip(maps, sizes)]
+    valid = np.zeros(masks.shape, bool)
+    for i, (h, w) in enumerate(sizes):
+        valid[i, :h, :w] = True
+    canvas_masks = masks & valid
+    y = np.concatenate([m.ravel() for m in ragged_masks])
+    s = np.concatenate([m.ravel() for m in ragged_maps])
+    out = metrics.pixel_metrics(ragged_masks, ragged_maps)
+    assert out["pixel_AUROC"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert out["pixel_AP"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert out["pixel_AUPRO"] == pytest.approx(slow_aupro(canvas_masks, maps, valid=valid), abs=1e-6)
+    legacy = metrics.pixel_metrics(ragged_masks, ragged_maps, aupro="legacy")["pixel_AUPRO"]
+    assert legacy == pytest.approx(slow_aupro_legacy(canvas_masks, maps, valid=valid), abs=1e-12)
+    assert metrics.aupro(ragged_masks, ragged_maps) == pytest.approx(out["pixel_AUPRO"], abs=1e-12)
 
 
 def test_pixel_metrics_equal_sklearn_and_aupro():

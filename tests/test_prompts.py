@@ -2,8 +2,10 @@
 
 import jax
 import numpy as np
+import pytest
 
-from fiseclip_jax import get_config, init_clip, text_features, tokenize
+from fiseclip_jax import get_config, init_clip, prompts, text_features, tokenize
+from fiseclip_jax.clip.tokenizer import CONTEXT_BUCKETS
 from fiseclip_jax.clip.modeling import encode_text
 from fiseclip_jax.prompts import (ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, _CACHE, clean_class_name,
                                   get_prompt_set, text_features_full)
@@ -19,6 +21,10 @@ def test_prompt_counts_and_texts():
     assert "an industrial photo of a metal nut without defect" in n
     assert "a manufacturing image of the imperfect metal nut for anomaly detection" in a
     assert "a cropped industrial photo of the normal metal nut" in n
+    # template-major, AnoVL's order: the 7 states of the first template, then the next template
+    assert n[:2] == ["a cropped industrial photo of the normal metal nut",
+                     "a cropped industrial photo of the flawless metal nut"]
+    assert a[7] == "a cropped industrial photo of a damaged metal nut"
     assert get_prompt_set("anoclip", "wood") is ANOCLIP_TEXTURE
     assert get_prompt_set("anoclip", "metal_nut") is ANOCLIP_OBJECT
     assert any("textural photo" in t for t in ANOCLIP_TEXTURE.templates)
@@ -30,7 +36,7 @@ def test_text_features_is_normalised_mean_of_unnormalised_embeddings():
     params = init_clip(cfg, jax.random.key(0))
     pset = PromptSet("mine", ("{}", "good {}"), ("bad {}",), ("a photo of a {}.", "the {}."))
     feats = np.asarray(text_features(params, cfg, "bottle", pset))
-    normal = ["a photo of a bottle.", "the bottle.", "a photo of a good bottle.", "the good bottle."]
+    normal = ["a photo of a bottle.", "a photo of a good bottle.", "the bottle.", "the good bottle."]
     abnormal = ["a photo of a bad bottle.", "the bad bottle."]
     want = []
     for side in (normal, abnormal):
@@ -43,3 +49,28 @@ def test_text_features_is_normalised_mean_of_unnormalised_embeddings():
     assert len(_CACHE) == n_cached
     text_features_full(params, cfg, "cable", pset)
     assert len(_CACHE) == n_cached + 1
+
+
+@pytest.mark.parametrize("preset,class_name,stride", [("tiny", "metal nut", 1), ("ViT-B/16", "bottle", 5)])
+def test_bucketed_sentences_match_pytorch_at_full_context(preset, class_name, stride, monkeypatch):
+    """The text tower runs on the shortest bucketed context (SPEC §1, causal mask); its embeddings
+    equal transformers' CLIP run on all 77 positions."""
+    torch = pytest.importorskip("torch")
+    from clip_reference import hf_model_and_params
+
+    model, params, cfg = hf_model_and_params(preset)
+    normal, abnormal = WINCLIP.sentences(class_name)
+    sentences = (normal + abnormal)[::stride]
+    ids = tokenize(sentences)  # [N, 77]
+    longest = int(ids.argmax(-1).max()) + 1
+    shapes = []
+    monkeypatch.setattr(prompts, "encode_text", lambda p, c, x: shapes.append(x.shape) or encode_text(p, c, x))
+    got = prompts._embed_sentences(params, cfg, sentences)
+    with torch.no_grad():
+        ref = model.text_projection(model.text_model(input_ids=torch.from_numpy(ids).long()).pooler_output).numpy()
+    assert np.abs(got - ref).max() <= 1e-5
+    # one shape for every call; width: the first bucket holding the longest sentence; row padding < 8 per call
+    assert len(set(shapes)) == 1
+    rows, width = shapes[0]
+    assert width == min(b for b in CONTEXT_BUCKETS if b >= longest) < 77
+    assert 0 <= rows * len(shapes) - len(sentences) < 8 * len(shapes)

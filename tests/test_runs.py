@@ -5,6 +5,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,21 +193,23 @@ def test_unreadable_image_gets_an_error_row_and_the_rest_is_scored(tmp_path, cap
 
 # ------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_exits_quickly_with_one_line_and_consistent_files(tmp_path):
-    src = folder_of(tmp_path, n=40, size=64)
+    src = folder_of(tmp_path, n=120, size=64)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-c", "import sys; from fiseclip_jax.cli import main; sys.exit(main(sys.argv[1:]))",
            "detect", str(src), "--weights", "random:tiny", "--size", "64", "--method", "anoclip", "--batch-size", "2",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    lines = []
-    deadline = time.time() + 120
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=0)
+    # Signal as soon as the progress bar shows scored images (tqdm redraws with "\r", so read characters, not
+    # lines): whatever the machine's speed, some batches are done and most are not.
+    seen, deadline = "", time.time() + 180
     while time.time() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if "scoring" in line or not line:
+        ch = proc.stderr.read(1)
+        if not ch:
             break
-    time.sleep(2.0)  # some batches done, some in flight
+        seen += ch
+        if re.search(r"\b([2-9]|[1-9][0-9])/120 ", seen):
+            break
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=30)[1]
@@ -237,3 +240,11 @@ def test_probability_scores_stay_in_unit_interval():
     for method in (fj.FiSeCLIPConfig(r_list=(1,), tau=5.0, text_filter="share"),):
         scores = np.asarray(method.score(feats, text, jnp.ones(b, bool), size=8).image_scores)
         assert scores.min() >= 0.0 and scores.max() <= 1.0
+
+
+def test_convert_of_a_corrupt_safetensors_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"garbage that is not a safetensors header")
+    assert main(["convert", str(bad), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0] and "Traceback" not in err[0]

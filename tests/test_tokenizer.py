@@ -109,3 +109,20 @@ def test_agrees_with_transformers(hf_tokenizer):
     for prompt, w, g in zip(prompts, want, got):
         assert g[: len(w)].tolist() == w, prompt
         assert not g[len(w):].any(), prompt
+
+
+def test_trim_context_keeps_the_smallest_bucket_holding_every_end_token():
+    ids = np.zeros((3, 77), np.int32)
+    for row, length in enumerate((5, 16, 9)):  # start, length - 2 word ids, end
+        ids[row, :length] = [tk.SOT_ID, *range(1000, 1000 + length - 2), tk.EOT_ID]
+    cut = tk.trim_context(ids)
+    assert cut.shape == (3, 16)  # longest is 16 tokens: bucket 16, no padding beyond it
+    np.testing.assert_array_equal(cut, ids[:, :16])
+    ids[2, 16] = tk.EOT_ID  # one row now needs 17 tokens -> next bucket, 24
+    ids[2, 8] = 500
+    assert tk.trim_context(ids).shape == (3, 24)
+    assert tk.trim_context(ids, buckets=(10, 20)).shape == (3, 20)
+    assert tk.trim_context(ids, buckets=(8,)).shape == (3, 77)  # no bucket fits: full context
+    assert tk.trim_context(ids[:, :20], buckets=(32,)).shape == (3, 20)  # never wider than the input
+    long = tk.tokenize("word " * 100)  # truncated: the end token sits at position 76
+    assert tk.trim_context(long).shape == (1, 77)

@@ -16,14 +16,13 @@ import argparse
 import sys
 import traceback
 
-from ..clip.checkpoint import CheckpointError
-from ..clip.params import ConversionError
 from ..errors import FiseclipError
 from . import bank, convert, detect, evaluate, watch
+from .common import configure_caches
 
 COMMANDS = (convert, detect, evaluate, bank, watch)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
-USER_ERRORS = (FiseclipError, CheckpointError, ConversionError, OSError)
+USER_ERRORS = (FiseclipError, OSError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_caches(args)
     try:
         return args.func(args)
     except USER_ERRORS as e:  # bad input: one readable line, no traceback

@@ -2,7 +2,10 @@
 
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH [--category C ...] [--masks DIR]
                           --method fiseclip|musc|anoclip|anoclip+ --weights SPEC [--size S]
-                          [--aupro exact|legacy] [--mask-rule resize|strict] [--resume] --out OUT
+                          [--protocol musc-paper|anoclip-paper] [--aupro exact|legacy]
+                          [--mask-rule resize|strict|nonzero] [--metric-resolution input|original]
+                          [--image-ap average_precision|pr_auc] [--resample bicubic|bilinear]
+                          [--resume] --out OUT
 """
 
 from __future__ import annotations
@@ -10,20 +13,37 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .. import protocols
 from ..evaluate import evaluate, list_categories
 from .common import RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args
+
+_MASK_RULES = {"resize": "resize>0.5", "strict": "strict", "nonzero": "resize>0"}
+
+
+def run_settings(args, protocol) -> dict:
+    """evaluate()'s settings: the protocol's, then every flag given explicitly on top."""
+    settings = protocol.settings() if protocol else {}
+    explicit = {"size": args.size, "resample": args.resample, "aupro": args.aupro,
+                "mask_rule": _MASK_RULES.get(args.mask_rule), "metric_resolution": args.metric_resolution,
+                "image_ap": args.image_ap}
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    return settings
 
 
 def cmd_evaluate(args) -> int:
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
+    protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
     mesh = make_run_mesh(args)
-    params, cfg, is_random = load_weights(args.weights, args.seed)
-    method = method_from_args(args)
-    evaluate(params, cfg, args.dataset, args.root, method, categories=args.category, size=args.size,
-             out=args.out, masks=args.masks, resume=args.resume, aupro=args.aupro,
-             mask_rule="strict" if args.mask_rule == "strict" else "resize>0.5",
-             overlays_per_category=args.overlays, progress=not args.no_progress, weights=args.weights,
-             seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh)
+    params, cfg, is_random = load_weights(args.weights, args.seed, dtype=args.dtype)
+    method = method_from_args(args, protocol)
+    if protocol is not None and cfg.name != protocol.weights:
+        print(f"fiseclip-jax evaluate: warning: protocol {protocol.name} is defined for {protocol.weights} "
+              f"weights; these are {cfg.name}", file=sys.stderr)
+    settings = run_settings(args, protocol)
+    evaluate(params, cfg, args.dataset, args.root, method, categories=args.category, out=args.out, masks=args.masks,
+             resume=args.resume, overlays_per_category=args.overlays, progress=not args.no_progress,
+             weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh,
+             **{"size": None, **settings})
     base = Path(args.out) / method.label / args.dataset
     print((base / "results.md").read_text(), end="")
     print(f"\nwrote {base}/results.md, results.csv, results.json, run.json and one folder per category")
@@ -43,10 +63,21 @@ def add_parser(sub) -> None:
                    help="categories to run (default: all found); for a folder: its name in the prompts")
     e.add_argument("--masks", default=None, help="folder dataset only: ground-truth masks folder")
     add_method_args(e)
-    e.add_argument("--aupro", choices=("exact", "legacy"), default="exact",
+    e.add_argument("--protocol", choices=protocols.names(), default=None,
+                   help="a published protocol (README: reproducing the papers): sets the method options, "
+                        "size, resize filter, mask rule, AUPRO and image-AP variants for --dataset; "
+                        "flags given explicitly win")
+    e.add_argument("--aupro", choices=("exact", "legacy"), default=None,
                    help="exact (default, SPEC §6) or the legacy 200-threshold variant of published tables")
-    e.add_argument("--mask-rule", choices=("resize", "strict"), default="resize",
-                   help="masks resized to the map size then > 0.5 (default), or strict: only fully white pixels")
+    e.add_argument("--mask-rule", choices=tuple(_MASK_RULES), default=None,
+                   help="masks resized to the map size then > 0.5 (default), strict: only fully white pixels, "
+                        "nonzero: any pixel > 0")
+    e.add_argument("--metric-resolution", choices=("input", "original"), default=None,
+                   help="pixel metrics at the map's size (input, default) or each image's original size")
+    e.add_argument("--image-ap", choices=("average_precision", "pr_auc"), default=None,
+                   help="image_AP as average precision (default) or AnoVL's auc(recall, precision)")
+    e.add_argument("--resample", choices=("bicubic", "bilinear"), default=None,
+                   help="preprocessing resize filter (default bicubic; AnoVL: bilinear)")
     e.add_argument("--overlays", type=int, default=4, help="overlay pictures per category (default 4)")
     e.add_argument("--resume", action="store_true",
                    help="skip categories already finished in OUT with the same configuration")

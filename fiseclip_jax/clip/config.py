@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any
+from ..errors import FiseclipError
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# Computation dtypes; parameters and encoder outputs stay float32 whatever this says.
+DTYPES = ("float32", "bfloat16")
 
 # CLIP's image normalisation (OpenAI and OpenCLIP share it).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,9 +34,9 @@ class VisionConfig:
         if self.mlp_dim == 0:
             object.__setattr__(self, "mlp_dim", 4 * self.width)
         if self.width % self.heads:
-            raise ValueError(f"vision width {self.width} not divisible by heads {self.heads}")
+            raise FiseclipError(f"vision width {self.width} not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} not divisible by patch {self.patch_size}")
+            raise FiseclipError(f"image_size {self.image_size} not divisible by patch {self.patch_size}")
 
     @property
     def grid(self) -> int:
@@ -53,7 +56,7 @@ class TextConfig:
         if self.mlp_dim == 0:
             object.__setattr__(self, "mlp_dim", 4 * self.width)
         if self.width % self.heads:
-            raise ValueError(f"text width {self.width} not divisible by heads {self.heads}")
+            raise FiseclipError(f"text width {self.width} not divisible by heads {self.heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +67,13 @@ class CLIPConfig:
     text: TextConfig
     act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # computation dtype of the towers (an old config.json without it: float32)
 
     def __post_init__(self):
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+            raise FiseclipError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.dtype not in DTYPES:
+            raise FiseclipError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def replace(self, **kw) -> "CLIPConfig":
         return dataclasses.replace(self, **kw)
@@ -99,10 +105,10 @@ class CLIPConfig:
         v, t = hf["vision_config"], hf["text_config"]
         acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
         if len(acts) != 1:
-            raise ValueError(f"vision and text towers use different activations {acts}")
+            raise FiseclipError(f"vision and text towers use different activations {acts}")
         act = acts.pop()
         if act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {act!r}; supported: {ACTIVATIONS}")
+            raise FiseclipError(f"unsupported hidden_act {act!r}; supported: {ACTIVATIONS}")
         return cls(
             name=name,
             embed_dim=hf.get("projection_dim", 512),
@@ -182,4 +188,4 @@ def get_config(name: str) -> CLIPConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(PRESETS)}") from None
+        raise FiseclipError(f"unknown CLIP preset {name!r}; known: {sorted(PRESETS)}") from None

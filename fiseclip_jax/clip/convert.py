@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import ACTIVATIONS, PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config
+from .params import (HF_RULES, ConversionError, Rule, block, block_path, conv_to_hwio, convert_state_dict,
+                     ignore, ln_block, ln_put, put, transpose)
 from .sources import read_source, sha256_file
-from .params import (HF_RULES, ConversionError, Rule, block, conv_to_hwio, convert_state_dict, ignore,
-                     ln_block, ln_put, put, transpose)
+from .store import save_clip
+from ..errors import FiseclipError
 
 # Presets that exist only as OpenCLIP models; all their released weights use exact GELU.
 OPENCLIP_NATIVE_PRESETS = ("ViT-B-16-plus-240",)
@@ -52,12 +54,8 @@ def _fused_qkv(kind: str):
     def h(m, a):
         if a.shape[0] % 3:
             raise ConversionError(f"{m.string}: first axis {a.shape[0]} is not 3 x width (fused q, k, v)")
-        tower = "vision" if m.group("tower") else "text"
-        out = []
-        for name, part in zip(("q", "k", "v"), np.split(a, 3, axis=0)):
-            leaf = part.T if kind == "kernel" else part
-            out.append(((tower, "blocks", "attn", name, kind), int(m.group("layer")), leaf))
-        return out
+        return [(block_path(m, "attn", name, kind), part.T if kind == "kernel" else part)
+                for name, part in zip(("q", "k", "v"), np.split(a, 3, axis=0))]
 
     return h
 
@@ -103,7 +101,7 @@ def from_openai_state_dict(state_dict, cfg: CLIPConfig):
 def _arch_key(cfg: CLIPConfig, heads: bool = True) -> dict:
     """Everything that fixes the parameter shapes (and, optionally, the head count)."""
     d = cfg.to_dict()
-    del d["name"], d["act"]
+    del d["name"], d["act"], d["dtype"]
     if not heads:
         del d["vision"]["heads"], d["text"]["heads"]
     return d
@@ -149,7 +147,7 @@ _SHAPE_KEYS = {
 def _infer_shapes(sd, layout: str, where: str = "") -> dict:
     """Shape-visible architecture: widths, depths, patch, grid, vocab, context, embed dim."""
     if layout not in _SHAPE_KEYS:
-        raise ValueError(f"layout must be one of {sorted(RULES)}, got {layout!r}")
+        raise FiseclipError(f"layout must be one of {sorted(RULES)}, got {layout!r}")
     k = _SHAPE_KEYS[layout]
     w, _, p, _ = _shape(sd, k["patch"], where)
     n_pos = _shape(sd, k["vision_pos"], where)[0]
@@ -205,7 +203,7 @@ def infer_config(state_dict, layout: str = "openai", act: str = "quick_gelu") ->
     name and head count are then used.
     """
     if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        raise FiseclipError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     cfg, candidates = _from_shapes(_infer_shapes(state_dict, layout))
     return _pick(candidates, act) if candidates else cfg.replace(act=act)
 
@@ -295,8 +293,6 @@ def convert_clip(src, out=None, arch: str | None = None, act: str | None = None,
         raise ConversionError(f"{where}{e}") from e
 
     if out is not None:
-        from .checkpoint import save_clip
-
         base = src if src.is_dir() else src.parent
         hashes = {str(f.relative_to(base)): sha256_file(f) for f in files}
         main = files[-1]

@@ -1,10 +1,11 @@
-"""Conversion of PyTorch CLIP state dicts to our parameter tree (bonsai-style rule tables).
+"""Conversion of PyTorch CLIP state dicts to the `CLIP` module's parameter tree (bonsai-style rule tables).
 
 A rule is `(regex on the source key, handler)`; a handler returns a list of
-`(target path, block index or None, numpy array)`. Block entries are stacked on a
-leading axis. The result is checked against the abstract tree of `init_clip`:
-every source key must be used exactly once, every target filled exactly once, and
-every shape must match — otherwise `ConversionError` names the offending keys.
+`(target path, numpy array)`; block leaves go to `{tower}.transformer.blocks_{i}`
+(the tree is documented in `model.py`). The result is checked against the abstract
+tree of `CLIP(cfg).init` (`param_shapes`): every source key must be used exactly once,
+every target filled exactly once, and every shape must match — otherwise
+`ConversionError` names the offending keys.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import numpy as np
 
 from .config import CLIPConfig
 from .modeling import param_shapes
+from ..errors import FiseclipError
 
-Target = tuple[tuple[str, ...], int | None, np.ndarray]
+Target = tuple[tuple[str, ...], np.ndarray]
 Handler = Callable[[re.Match, np.ndarray], list[Target]]
 Rule = tuple[str, Handler]
 
 
-class ConversionError(ValueError):
+class ConversionError(FiseclipError):
     """A source state dict does not fit the target architecture."""
 
 
@@ -43,17 +45,22 @@ def put(*path: str, transform=None) -> Handler:
 
     def h(m, a):
         p = tuple(tower(m) if s == "{tower}" else s for s in path)
-        return [(p, None, transform(a) if transform else a)]
+        return [(p, transform(a) if transform else a)]
 
     return h
 
 
+def block_path(m: re.Match, *path: str) -> tuple[str, ...]:
+    """{tower}.transformer.blocks_{layer}.<path>, the match's `layer` group giving the block."""
+    return (tower(m), "transformer", f"blocks_{int(m.group('layer'))}", *path)
+
+
 def block(*path: str, transform=None) -> Handler:
-    """A per-block leaf: the match's `layer` group gives the stacking index."""
+    """A per-block leaf; `<group>` in a path is filled from the match."""
 
     def h(m, a):
-        p = (tower(m), "blocks") + tuple(m.group(s[1:-1]) if s.startswith("<") else s for s in path)
-        return [(p, int(m.group("layer")), transform(a) if transform else a)]
+        p = block_path(m, *(m.group(s[1:-1]) if s.startswith("<") else s for s in path))
+        return [(p, transform(a) if transform else a)]
 
     return h
 
@@ -75,7 +82,7 @@ LN = {"weight": "scale", "bias": "bias"}
 
 def ln_block(name: str) -> Handler:
     def h(m, a):
-        return [((tower(m), "blocks", name, LN[m.group("wb")]), int(m.group("layer")), a)]
+        return [(block_path(m, name, LN[m.group("wb")]), a)]
 
     return h
 
@@ -83,7 +90,7 @@ def ln_block(name: str) -> Handler:
 def ln_put(*path: str) -> Handler:
     def h(m, a):
         p = tuple(tower(m) if s == "{tower}" else s for s in path)
-        return [(p + (LN[m.group("wb")],), None, a)]
+        return [(p + (LN[m.group("wb")],), a)]
 
     return h
 
@@ -120,7 +127,6 @@ def convert_state_dict(state_dict, cfg: CLIPConfig, rules: Iterable[Rule]):
     """Apply `rules` to a {key: array} mapping and return a parameter tree for `cfg`."""
     rules = [(re.compile(p), h) for p, h in rules]
     flat: dict[tuple[str, ...], np.ndarray] = {}
-    stacked: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     unused = []
     for key, value in state_dict.items():
         for pattern, handler in rules:
@@ -130,27 +136,18 @@ def convert_state_dict(state_dict, cfg: CLIPConfig, rules: Iterable[Rule]):
         else:
             unused.append(key)
             continue
-        for path, layer, arr in handler(m, to_numpy(value)):
-            slot = flat if layer is None else stacked.setdefault(path, {})
-            k = path if layer is None else layer
-            if k in slot:
-                raise ConversionError(f"target {'.'.join(path)} (block {layer}) written twice; last from {key}")
-            slot[k] = arr
+        for path, arr in handler(m, to_numpy(value)):
+            if path in flat:
+                raise ConversionError(f"target {'.'.join(path)} written twice; last from {key}")
+            flat[path] = arr
     if unused:
         raise ConversionError(f"{len(unused)} unused source keys: {unused[:20]}")
 
     expected = {tuple(k.key for k in kp): v for kp, v in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
-    for path, layers in stacked.items():
-        n = expected[path].shape[0] if path in expected else None
-        if n is None or sorted(layers) != list(range(n)):
-            raise ConversionError(
-                f"{'.'.join(path)}: blocks {sorted(layers)} found, expected 0..{(n or 0) - 1} for {cfg.name}")
-        flat[path] = np.stack([layers[i] for i in range(n)])
-
     missing = sorted(".".join(p) for p in expected if p not in flat)
     extra = sorted(".".join(p) for p in flat if p not in expected)
     if missing or extra:
-        raise ConversionError(f"missing parameters {missing}; unexpected parameters {extra}")
+        raise ConversionError(f"missing parameters {_first(missing)}; unexpected parameters {_first(extra)}")
     bad = [f"{'.'.join(p)}: source {flat[p].shape} vs expected {expected[p].shape}"
            for p in expected if flat[p].shape != expected[p].shape]
     if bad:
@@ -163,6 +160,10 @@ def convert_state_dict(state_dict, cfg: CLIPConfig, rules: Iterable[Rule]):
             node = node.setdefault(p, {})
         node[path[-1]] = arr.astype(np.float32)
     return tree
+
+
+def _first(names: list[str], n: int = 20) -> str:
+    return str(names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
 
 
 def from_hf_state_dict(state_dict, cfg: CLIPConfig):

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .config import CLIP_MEAN, CLIP_STD
+from ..errors import FiseclipError
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -18,10 +19,10 @@ def to_pil(image) -> Image.Image:
         return image.convert("RGB")
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        raise ValueError(f"array images must be uint8 HWC, got dtype {arr.dtype}")
+        raise FiseclipError(f"array images must be uint8 HWC, got dtype {arr.dtype}")
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4)):
         return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr).convert("RGB")
-    raise ValueError(f"array images must be [H, W], [H, W, 1|3|4], got shape {arr.shape}")
+    raise FiseclipError(f"array images must be [H, W], [H, W, 1|3|4], got shape {arr.shape}")
 
 
 def resize_square(image, size: int, resample: str = "bicubic") -> np.ndarray:
@@ -31,7 +32,7 @@ def resize_square(image, size: int, resample: str = "bicubic") -> np.ndarray:
     no-op); `resample="bilinear"` reproduces AnoVL (SPEC §8).
     """
     if resample not in RESAMPLE:
-        raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
+        raise FiseclipError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
     return np.asarray(to_pil(image).resize((size, size), RESAMPLE[resample]))
 
 

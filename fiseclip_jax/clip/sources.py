@@ -43,16 +43,19 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _read_safetensors(path: Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     out = {}
-    with safe_open(str(path), framework="np") as f:
-        for k in f.keys():
-            try:
-                out[k] = f.get_tensor(k)
-            except TypeError:  # bfloat16 has no numpy dtype: read through jax
-                with safe_open(str(path), framework="flax") as g:
-                    out[k] = np.asarray(g.get_tensor(k), np.float32)
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for k in f.keys():
+                try:
+                    out[k] = f.get_tensor(k)
+                except TypeError:  # bfloat16 has no numpy dtype: read through jax
+                    with safe_open(str(path), framework="flax") as g:
+                        out[k] = np.asarray(g.get_tensor(k), np.float32)
+    except SafetensorError as e:  # a corrupt or truncated file
+        raise ConversionError(f"{path}: not a readable .safetensors file ({e})") from None
     return out
 
 

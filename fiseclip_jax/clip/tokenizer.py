@@ -32,6 +32,8 @@ EOT_TOKEN = "<|endoftext|>"
 SOT_ID = 49406
 EOT_ID = 49407
 CONTEXT_LENGTH = 77
+# Context lengths the text tower is run at (`trim_context`): few, so it compiles rarely.
+CONTEXT_BUCKETS = (8, 16, 24, 32, 48, 64, 77)
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # 49152 tokens = 256 bytes + 256 bytes+"</w>" + merges + 2 special tokens.
 NUM_MERGES = 49152 - 256 - 2
@@ -153,3 +155,19 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -
         ids = [SOT_ID, *tok.encode(text)][: context_length - 1] + [EOT_ID]
         out[row, : len(ids)] = ids
     return out
+
+
+def trim_context(ids: np.ndarray, buckets: Sequence[int] = CONTEXT_BUCKETS) -> np.ndarray:
+    """Ids [N, T] cut to [N, T'], T' the smallest bucket (or T) holding every end token.
+
+    Exact for CLIP's text tower: under its causal mask the feature at the end token
+    never sees a later position, so the cut-off padding changes nothing (SPEC §1, "Text").
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [N, T], got {ids.shape}")
+    if not len(ids):
+        return ids
+    longest = int(ids.argmax(-1).max()) + 1  # the end token has the largest id
+    width = min((b for b in buckets if b >= longest), default=ids.shape[1])
+    return ids[:, : min(width, ids.shape[1])]

@@ -11,10 +11,11 @@ EXIF orientation is not applied: pixels are used as stored, like the reference c
 
 `load_mask` returns bool [H, W]. A pixel is foreground when any channel is
 nonzero (MVTec masks are 0/255, VisA masks may use 1 or colours). With `size`,
-the 0/255 mask is resized to size x size with PIL's bilinear filter (8 bit,
-antialiased when shrinking — the path torchvision's Resize takes on the PIL
-masks of the MuSc / AnomalyCLIP code), then binarised at > 0.5 (SPEC §5), or
-with strict=True only pixels that stay exactly 1.0 (255) count (MuSc's rule).
+the 0/255 mask is resized to size x size (or h x w) with PIL's bilinear filter
+(8 bit, antialiased when shrinking — the path torchvision's Resize takes on the
+PIL masks of the MuSc / AnomalyCLIP code), then binarised at > 0.5 (SPEC §5), or
+with rule "strict" only pixels that stay exactly 1.0 (255) count (MuSc on MVTec),
+or with rule "resize>0" every nonzero pixel (MuSc on VisA: `mask > 0`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .core import DataError
+from ..errors import FiseclipError
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -83,19 +85,31 @@ def _foreground(img: Image.Image) -> np.ndarray:
     return values != 0
 
 
-def load_mask(path, size: int | None = None, *, strict: bool = False) -> np.ndarray:
-    """Read a ground-truth mask as bool [H, W], or [size, size] when resized (module docstring)."""
+MASK_RULES = ("resize>0.5", "strict", "resize>0")
+
+
+def load_mask(path, size=None, *, strict: bool = False, rule: str | None = None) -> np.ndarray:
+    """Read a ground-truth mask as bool [H, W], or resized to `size` (an int: square; or (h, w)).
+
+    rule, for a resized mask: "resize>0.5" (default), "strict" (only pixels that stay fully white,
+    MuSc on MVTec; `strict=True` says the same) or "resize>0" (any nonzero, MuSc on VisA)."""
     path = os.fspath(path)
+    rule = rule or ("strict" if strict else "resize>0.5")
+    if rule not in MASK_RULES:
+        raise FiseclipError(f"mask rule must be one of {MASK_RULES}, got {rule!r}")
     mask = _foreground(_open(path, "mask"))
     if size is None:
         return mask
-    size = int(size)
-    if size < 1:
-        raise ValueError(f"mask size must be positive, got {size}")
+    h, w = (size, size) if np.ndim(size) == 0 else size
+    h, w = int(h), int(w)
+    if h < 1 or w < 1:
+        raise FiseclipError(f"mask size must be positive, got {size}")
     pil = Image.fromarray(mask.astype(np.uint8) * 255)  # mode L
-    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
-    if strict:
+    resized = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR))
+    if rule == "strict":
         return resized == 255
+    if rule == "resize>0":
+        return resized > 0
     return resized.astype(np.float64) / 255.0 > 0.5
 
 

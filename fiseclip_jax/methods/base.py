@@ -3,10 +3,16 @@
 A method is one frozen, hashable dataclass: its options are its fields, and the instance is
 the static argument of the jitted `detect`. It carries two pure functions,
 
-    encode(params, cfg, pixels [B, S, S, 3]) -> features: dict of arrays, batch axis first
+    encode(params, cfg, pixels [B, H, W, 3]) -> features: dict of arrays, batch axis first
     score(features, text, valid [B], *, size, mesh=None) -> Detection
 
 and says how it groups images (`group`: images per scoring call, None = the whole category).
+Three hooks have defaults that suit most methods:
+
+    prepare(image, size, resample) -> [H, W, 3]   one image as model input (default: S×S)
+    initial_state(cfg, text) / score_state(...)    a state carried from batch to batch of a
+                                                   category, in file order (default: none)
+
 `detect`, `evaluate`, the runner and the CLI only ever talk to this protocol, so a new method
 is one file with one `@register("name")` line.
 
@@ -21,15 +27,18 @@ import dataclasses
 from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from ..clip.config import CLIPConfig
-from ..errors import FiseclipError
+from ..clip.preprocess import preprocess
 from ..prompts import TextFeatures
+from ..errors import FiseclipError
 
 
 class Detection(NamedTuple):
-    """image_scores [B]; anomaly_maps [B, S, S]; num_refs [B] references each image was matched
-    against (0: no reference, the map fell back to text only; -1: the method does not match)."""
+    """image_scores [B]; anomaly_maps [B, H, W] (the model input's size: S×S, or e.g. 240×W' for tiled
+    wide images); num_refs [B] references each image was matched against (0: no reference, the map fell
+    back to text only; -1: the method does not match)."""
 
     image_scores: jnp.ndarray
     anomaly_maps: jnp.ndarray
@@ -69,13 +78,29 @@ class Method:
         """Everything `score` needs from one forward pass, every leaf batch-first. Pure, jit-able."""
         raise NotImplementedError
 
-    def score(self, feats: dict, text: TextFeatures, valid, *, size: int, mesh=None) -> Detection:
-        """Scores and maps of one group of images from its features. Pure, jit-able (self, size, mesh static)."""
+    def score(self, feats: dict, text: TextFeatures, valid, *, size, mesh=None) -> Detection:
+        """Scores and maps of one group of images from its features; `size` is the map size, an int S
+        (square inputs) or (H, W). Pure, jit-able (self, size, mesh static)."""
         raise NotImplementedError
 
     def group(self, n: int, encode_batch: int) -> Optional[int]:
         """Images per scoring call for a category of n images; None: the whole category at once."""
         return encode_batch
+
+    # -- hooks with defaults ----------------------------------------------------------------
+    def prepare(self, image, size: int, resample: str = "bicubic") -> np.ndarray:
+        """One image (PIL or uint8 HWC) -> float32 CLIP-normalised model input [H, W, 3]; `encode` gets a
+        batch of these and the maps come back at [H, W]. Default: the whole image resized to size×size."""
+        return preprocess([image], size, resample)[0]
+
+    def initial_state(self, cfg: CLIPConfig, text: TextFeatures) -> Any:
+        """The state a category starts from (a pytree of arrays, or None: the method carries nothing)."""
+        return None
+
+    def score_state(self, feats: dict, text: TextFeatures, valid, state, *, size, mesh=None) -> tuple[Detection, Any]:
+        """`score` that also threads a state from batch to batch in file order: -> (Detection, next state).
+        Pure, jit-able. Default: no state, `score` itself."""
+        return self.score(feats, text, valid, size=size, mesh=mesh), state
 
     # -- reference bank (online inspection); by default a method does not use one ---------
     uses_bank: ClassVar[bool] = False
@@ -150,7 +175,7 @@ def as_text(text) -> TextFeatures:
         return text
     text = jnp.asarray(text)
     if text.ndim != 2 or text.shape[0] != 2:
-        raise ValueError(f"text must be TextFeatures or [2, D] (normal, abnormal), got {text.shape}")
+        raise FiseclipError(f"text must be TextFeatures or [2, D] (normal, abnormal), got {text.shape}")
     empty = jnp.zeros((0, text.shape[1]), text.dtype)
     return TextFeatures(text, empty, empty)
 
@@ -165,7 +190,7 @@ def register(name: str, factory: Optional[Callable[..., Method]] = None):
 
     def add(f):
         if name in _REGISTRY:
-            raise ValueError(f"a method named {name!r} is already registered")
+            raise FiseclipError(f"a method named {name!r} is already registered")
         _REGISTRY[name] = f
         return f
 
@@ -182,7 +207,7 @@ def get(name: str, **overrides: Any) -> Method:
     try:
         factory = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(names())}") from None
+        raise FiseclipError(f"unknown method {name!r}; registered: {', '.join(names())}") from None
     return factory(**overrides)
 
 
