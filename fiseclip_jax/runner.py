@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Callable
@@ -37,15 +36,13 @@ from .data import Category, image_size, infer_class_name, list_folder, load_imag
 from .bank import bank_digest, bank_threshold
 from .detect import bank_groups, category_groups, few_images_message, iter_detect, iter_detect_bank
 from .errors import FiseclipError
-from .outputs import atomic_write_text, library_versions, overlay_name
+from .outputs import WRITE_LOCK, Status, atomic_write_text, check_out, library_versions, overlay_name
 from .overlay import side_by_side
 from .prompts import text_features_full
 
 OUTPUTS = ("scores.csv", "run.json", "overlays", ".partial")  # what a detect run writes into --out
 COLUMNS = ("file", "score", "label", "error")
 DECISION_COLUMNS = ("file", "score", "label", "decision", "error")  # with a bank or a threshold
-# One lock for every write of a run: an interrupt waits for the write in progress, then exits.
-WRITE_LOCK = threading.Lock()
 
 
 class ResumeError(FiseclipError):
@@ -71,38 +68,6 @@ class DetectPlan:
     @property
     def rels(self) -> list[str]:
         return [str(p.relative_to(self.folder)) for p in self.paths]
-
-
-@dataclasses.dataclass
-class Status:
-    """How far a run is: images finished (scored or failed) of the total."""
-
-    done: int = 0
-    total: int = 0
-
-
-def check_out(out: Path, inputs: Path, *, overwrite: bool, resume: bool) -> None:
-    """--out must be (or can become) a writable folder outside the input tree, and hold no earlier
-    results unless `overwrite` (they are cleared) or `resume`."""
-    out, inputs = Path(out), Path(inputs)
-    if out.exists() and not out.is_dir():
-        raise FiseclipError(f"--out {out}: exists and is not a folder")
-    resolved, source = out.resolve(), inputs.resolve()
-    if resolved == source or source in resolved.parents:
-        raise FiseclipError(f"--out {out} is inside the input folder {inputs}: the next run would read its outputs "
-                            "as images; choose a folder outside it")
-    ancestor = resolved
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise FiseclipError(f"--out {out}: cannot create it, {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise FiseclipError(f"--out {out}: cannot write into {ancestor} (permission denied)")
-    if overwrite and resume:
-        raise FiseclipError("--overwrite and --resume exclude each other: choose one")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise FiseclipError(f"--out {out} is not empty: pass --overwrite to replace what is there "
-                            "or --resume to finish an interrupted run")
 
 
 def plan_detect(folder, out, *, class_name=None, overwrite=False, resume=False, strict=False) -> DetectPlan:

@@ -9,7 +9,8 @@ import sys
 
 from ..detect import few_images_message
 from ..errors import FiseclipError
-from ..runner import WRITE_LOCK, Status, plan_detect, run_detect
+from ..outputs import WRITE_LOCK, Status
+from ..runner import plan_detect, run_detect
 from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, make_run_mesh,
                      method_from_args, read_bank_args, run_interruptible, speaker)
 
