@@ -16,14 +16,20 @@ nonzero pixel, MuSc on VisA); or at "original": every map resized bilinearly (ha
 centres, align_corners=False) to its image's stored size and compared with the mask as stored.
 
 Each category is written to a temporary folder and renamed into place when it finishes, and
-the tables are rebuilt after every category, so a killed run loses at most the category in
-progress. With resume=True, categories whose metrics.json exists are skipped, provided they
-were computed with the same configuration; otherwise `ResumeError` is raised.
+the tables and run.json are rebuilt after every category (under `outputs.WRITE_LOCK`), so a
+killed run loses at most the category in progress and run.json always lists exactly the
+categories of results.*. OUT/<method>/<dataset> must be empty unless overwrite=True (it is
+cleared first) or resume=True: categories whose metrics.json exists are then skipped, provided
+they were computed with the same configuration; otherwise `ResumeError` is raised.
+
+An image that cannot be read is left out of its category's metrics (strict=True: the run stops
+instead); metrics.json lists it under "unreadable" and results.json counts it (n_unreadable).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -42,7 +48,7 @@ from .overlay import side_by_side
 from .postprocess import upsample_bilinear
 from .prompts import text_features_full
 from .report import clean, percents, write_tables
-from .outputs import atomic_write_text, library_versions, overlay_name
+from .outputs import WRITE_LOCK, Status, atomic_write_text, check_out, library_versions, overlay_name
 
 DATASETS = ("mvtec", "visa", "folder")
 MASK_RULES = {"resize>0.5": "resize>0.5", "resize": "resize>0.5", "strict": "strict", "resize>0": "resize>0",
@@ -57,6 +63,39 @@ CLASS_NAMES = ("clean", "anovl")
 
 class ResumeError(FiseclipError):
     """--resume found results made with a different configuration."""
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """What an evaluate run reads and writes, checked before any weights load (`plan_evaluate`)."""
+
+    base: Path  # OUT/<method>/<dataset>
+    categories: list  # [Category], unreadable images left out
+    unreadable: dict  # {category name: {path: why}}
+    resume: bool
+    strict: bool
+
+
+def plan_evaluate(dataset: str, root, method, *, out, categories=None, masks=None, overwrite: bool = False,
+                  resume: bool = False, strict: bool = False) -> EvalPlan:
+    """Check the dataset (every image and mask header; unreadable images are left out unless strict) and
+    the output folder before any computing; `overwrite` clears OUT/<method>/<dataset>."""
+    cats = list_categories(dataset, root, categories, masks)
+    base = Path(out) / method.label / dataset
+    check_out(base, root, overwrite=overwrite, resume=resume)
+    kept, unreadable = [], {}
+    for cat in cats:  # every file checked before hours of compute; errors name the files
+        bad = validate_category(cat, skip_unreadable=not strict)
+        if bad:
+            unreadable[cat.name] = bad
+            cat = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in bad))
+            if not cat.samples:
+                raise FiseclipError(f"{dataset} category {cat.name!r}: none of its images can be read "
+                                    f"(first: {next(iter(bad.values()))})")
+        kept.append(cat)
+    if overwrite and base.exists():
+        shutil.rmtree(base)
+    return EvalPlan(base, kept, unreadable, resume, strict)
 
 
 def list_categories(dataset: str, root, categories=None, masks=None) -> list[Category]:
@@ -211,17 +250,23 @@ def _progress_factory(enabled: bool, label: str):
 
 def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", mask_rule="resize>0.5",
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
-                      image_ap="average_precision", class_names="clean") -> tuple[dict, np.ndarray, list, list]:
+                      image_ap="average_precision", class_names="clean",
+                      skip_errors: bool = False) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
-    Image metrics need every label; pixel metrics also need the dataset's masks."""
+    Image metrics need every label; pixel metrics also need the dataset's masks. skip_errors=True: an
+    image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \
         text_features_full(params, cfg, name, method.prompts, verbatim=class_names != "clean")
     result = detect_category(params, cfg, [s.path for s in cat.samples], name, method, size=size,
-                             encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh)
+                             encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh,
+                             skip_errors=skip_errors)
+    unreadable = {cat.samples[i].path: why for i, why in sorted(result.errors.items())}
+    if unreadable:
+        cat = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
     scores = np.asarray(result.image_scores, np.float64)
     maps = result.anomaly_maps
     t1 = time.perf_counter()
@@ -251,6 +296,7 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
         "metrics": metrics, "percent": percents(metrics),
         "metric_resolution": metric_resolution, "metric_sizes": sizes,
         "timing_s": {"detect": t1 - t0, "masks": t2 - t1, "metrics": t3 - t2},
+        "n_unreadable": len(unreadable), "unreadable": unreadable,
     }
     if not labelled:
         record["note"] = "unlabelled images: scores only, no metrics"
@@ -263,7 +309,9 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
              resume: bool = False, aupro: str = "exact", mask_rule: str = "resize>0.5",
              overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
              seed: int = 0, encode_batch: int = 8, resample: str = "bicubic", metric_resolution: str = "input",
-             image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None) -> dict:
+             image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None,
+             overwrite: bool = False, strict: bool = False, plan: EvalPlan | None = None,
+             status: Status | None = None, say=lambda msg: None) -> dict:
     """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
     {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
 
@@ -273,7 +321,11 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     "resize>0" (SPEC §5, §8); metric_resolution: "input" | "original" (SPEC §5); image_ap:
     "average_precision" | "pr_auc" (AnoVL's auc(recall, precision)); class_names: "clean" | "anovl"
     (the name in the prompts); protocol: the name of the preset these settings came from
-    (`protocols.get`), recorded only. Outputs as in the module docstring.
+    (`protocols.get`), recorded only. overwrite / resume: what to do with earlier results in
+    OUT/<method>/<dataset> (neither: it must be empty); strict: stop at the first unreadable image
+    instead of leaving it out. `plan` (from `plan_evaluate`, which the CLI calls before loading
+    weights) replaces categories/masks/overwrite/resume/strict; `status` counts finished categories
+    (what an interrupt reports); `say` gets phase messages. Outputs as in the module docstring.
     """
     if aupro not in AUPRO_VARIANTS:
         raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
@@ -290,11 +342,12 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     if size % cfg.vision.patch_size:
         raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     root = Path(root)
-    cats = list_categories(dataset, root, categories, masks)
-    for cat in cats:  # every file checked before hours of compute; errors name the files
-        validate_category(cat)
-
-    base = Path(out) / method.label / dataset
+    if plan is None:
+        plan = plan_evaluate(dataset, root, method, out=out, categories=categories, masks=masks,
+                             overwrite=overwrite, resume=resume, strict=strict)
+    cats, base, resume = plan.categories, plan.base, plan.resume
+    status = status if status is not None else Status()
+    status.total = len(cats)
     settings = dict(resample=resample, metric_resolution=metric_resolution, image_ap=image_ap,
                     class_names=class_names)
     current = run_config(cfg, method, dataset=dataset, root=root, masks=masks, size=size, aupro=aupro,
@@ -312,38 +365,58 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     base.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in cats]
     run = {"command": "evaluate", "run_config": current, "categories": names, "versions": library_versions(),
-           "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if current["random_weights"]:
         run["warning"] = "random weights: every metric is meaningless"
-    atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
     header = {"method": method.label, "dataset": dataset, "protocol": protocol, "size": size,
               "resample": resample, "mask_rule": mask_rule, "aupro": aupro, "image_ap": image_ap,
               "metric_resolution": metric_resolution, "weights": weights,
               "random_weights": current["random_weights"]}
-
     t_start, done, timings = time.perf_counter(), [], {}
+
+    def write_state(final: bool) -> dict:
+        """results.* and run.json together, listing the same finished categories."""
+        results = write_tables(base, done, header)  # a killed run keeps a table of what finished
+        run.update(status="complete" if final else "incomplete", finished=list(done),
+                   elapsed_s=time.perf_counter() - t_start, timing_s=timings, resumed=sorted(done_before))
+        if not final:
+            run["resume"] = "rerun the same command with --resume to finish the other categories"
+        else:
+            run.pop("resume", None)
+        atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
+        return results
+
+    with WRITE_LOCK:
+        write_state(final=False)
     for k, cat in enumerate(cats, 1):
         label = f"[{k}/{len(cats)}] {dataset}/{cat.name}"
         if cat.name in done_before:
             done.append(cat.name)
-            if progress:
-                print(f"{label}: done before, skipped (--resume)", file=sys.stderr)
+            status.done += 1
+            say(f"{label}: done before, skipped (--resume)")
             continue
+        say(f"{label}: {len(cat)} images" + (" (the first batch compiles)" if k == 1 else ""))
         record, scores, maps, gt = evaluate_category(
             params, cfg, cat, method, size=size, aupro=aupro, mask_rule=mask_rule, encode_batch=encode_batch,
-            progress=_progress_factory(progress, label), mesh=mesh, **settings)
-        record["run_config"] = current
+            progress=_progress_factory(progress, label), mesh=mesh, skip_errors=not plan.strict, **settings)
+        unreadable = {**plan.unreadable.get(cat.name, {}), **record["unreadable"]}
+        scored = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
+        record.update(n_unreadable=len(unreadable), run_config=current,
+                      unreadable={os.path.relpath(p, root): why for p, why in unreadable.items()})
+        if unreadable:
+            print(f"fiseclip-jax evaluate: warning: {len(unreadable)} image(s) of {cat.name} could not be read and "
+                  f"are left out of its metrics (listed in {base / cat.name / 'metrics.json'})", file=sys.stderr)
+        say(f"{label}: writing scores and overlays")
         t0 = time.perf_counter()
-        _write_category(base / cat.name, cat, root, scores, maps, gt, record, overlays_per_category)
-        timings[cat.name] = {**record["timing_s"], "write": time.perf_counter() - t0}
-        done.append(cat.name)
-        write_tables(base, done, header)  # a killed run keeps a table of what finished
+        with WRITE_LOCK:
+            _write_category(base / cat.name, scored, root, scores, maps, gt, record, overlays_per_category)
+            timings[cat.name] = {**record["timing_s"], "write": time.perf_counter() - t0}
+            done.append(cat.name)
+            status.done += 1
+            write_state(final=False)
         if progress:
             summary = ", ".join(f"{m} {v if v is not None else 'n/a'}" for m, v in record["percent"].items())
             print(f"{label}: {summary or 'scores only'}", file=sys.stderr)
 
-    results = write_tables(base, done, header)
-    run.update(status="complete", elapsed_s=time.perf_counter() - t_start, timing_s=timings,
-               resumed=sorted(done_before))
-    atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
-    return results
+    with WRITE_LOCK:
+        return write_state(final=True)
