@@ -5,7 +5,9 @@
                           [--protocol musc-paper|anoclip-paper] [--aupro exact|legacy]
                           [--mask-rule resize|strict|nonzero] [--metric-resolution input|original]
                           [--image-ap average_precision|pr_auc] [--resample bicubic|bilinear]
-                          [--resume] --out OUT
+                          [--fpr F] [--gallery K] [--resume] --out OUT
+
+Writes results tables, per category thresholds.json (for `detect --thresholds`), and report.html.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import sys
 from pathlib import Path
 
 from .. import protocols
+from ..errors import FiseclipError
 from ..evaluate import evaluate, list_categories
-from .common import RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args
+from .common import RANDOM_BANNER, add_method_args, count, load_weights, make_run_mesh, method_from_args
 
 _MASK_RULES = {"resize": "resize>0.5", "strict": "strict", "nonzero": "resize>0"}
 
@@ -31,6 +34,8 @@ def run_settings(args, protocol) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    if not 0.0 <= args.fpr <= 1.0:
+        raise FiseclipError(f"--fpr must be between 0 and 1, got {args.fpr}")
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
     protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
     mesh = make_run_mesh(args)
@@ -43,10 +48,11 @@ def cmd_evaluate(args) -> int:
     evaluate(params, cfg, args.dataset, args.root, method, categories=args.category, out=args.out, masks=args.masks,
              resume=args.resume, overlays_per_category=args.overlays, progress=not args.no_progress,
              weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh,
-             **{"size": None, **settings})
+             fpr=args.fpr, gallery=args.gallery, **{"size": None, **settings})
     base = Path(args.out) / method.label / args.dataset
     print((base / "results.md").read_text(), end="")
-    print(f"\nwrote {base}/results.md, results.csv, results.json, run.json and one folder per category")
+    print(f"\nwrote {base}/results.md, results.csv, results.json, run.json, report.html and one folder per "
+          "category (metrics.json, scores.csv, thresholds.json, overlays/, gallery/)")
     if is_random:
         print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
     return 0
@@ -79,6 +85,12 @@ def add_parser(sub) -> None:
     e.add_argument("--resample", choices=("bicubic", "bilinear"), default=None,
                    help="preprocessing resize filter (default bicubic; AnoVL: bilinear)")
     e.add_argument("--overlays", type=int, default=4, help="overlay pictures per category (default 4)")
+    e.add_argument("--fpr", type=float, default=0.01,
+                   help="thresholds.json: also the threshold that flags at most this share of the good images "
+                        "(and of the normal pixels) (default 0.01)")
+    e.add_argument("--gallery", type=count(0), default=4,
+                   help="report.html: worst cases shown per category, of each kind (highest-scored good, "
+                        "lowest-scored defective; default 4)")
     e.add_argument("--resume", action="store_true",
                    help="skip categories already finished in OUT with the same configuration")
     e.add_argument("--out", required=True, help="output root: OUT/<method>/<dataset>/...")
