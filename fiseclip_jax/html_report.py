@@ -48,7 +48,7 @@ h3{font-size:1.05em;margin:.8em 0 .3em}.note{color:#555;font-size:.92em}
 table{border-collapse:collapse;margin:.4em 0;font-size:.92em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th:first-child,td:first-child{text-align:left}
 th{background:#f2f2f2}tr.mean td{font-weight:bold}
-.plots{display:flex;flex-wrap:wrap;gap:.6em}.plot{flex:0 0 auto}.plot img{width:330px;display:block}
+.plots{display:flex;flex-wrap:wrap;gap:.6em}.plot{flex:0 0 auto;width:370px}.plot img{width:370px;display:block}
 .gallery{display:flex;flex-wrap:wrap;gap:1em}
 .gallery figure{margin:0;font-size:.85em;width:390px;overflow-wrap:anywhere}
 .gallery img{width:390px;image-rendering:pixelated;display:block;border:1px solid #999}
@@ -230,9 +230,8 @@ def _pro_fig(curves, title: str, max_fpr: float, mean=None) -> Figure:
 def _hist_fig(scores, labels, thresholds: dict, title: str) -> Figure:
     fig, ax = _figure(title, "image score", "images")
     edges = np.histogram_bin_edges(scores, bins=int(np.clip(scores.size // 3, 5, 40)))
-    ax.hist(scores[labels == 0], bins=edges, color=_GOOD, alpha=0.6, label=f"good ({int(np.sum(labels == 0))})")
-    ax.hist(scores[labels == 1], bins=edges, color=_BAD, alpha=0.6,
-            label=f"defective ({int(np.sum(labels == 1))})")
+    ax.hist([scores[labels == 0], scores[labels == 1]], bins=edges, color=[_GOOD, _BAD],
+            label=[f"good ({int(np.sum(labels == 0))})", f"defective ({int(np.sum(labels == 1))})"])
     for (name, t), ls in zip(thresholds.items(), ("-", "--")):
         ax.axvline(t, color="#333", ls=ls, lw=1.2, label=f"{name}: {t:.4g}")
     ax.legend(fontsize=7)
@@ -290,7 +289,7 @@ def _category_section(c: _Category, metric_names: list[str]) -> str:
                  f'defective{", unlabelled: " + str(c.record["n_unlabelled"]) if c.record.get("n_unlabelled") else ""}'
                  f'. {html.escape(c.record.get("note", ""))}</p>')
     parts.append("<h3>Metrics</h3>")
-    parts.append(table_html(["metric", "percent"], [[m, _fmt_pct(c.metrics.get(m))] for m in metric_names])
+    parts.append(table_html(metric_names, [[_fmt_pct(c.metrics.get(m)) for m in metric_names]])
                  if metric_names else '<p class="note">No labels: scores only.</p>')
     plots = []
     if c.image["roc"] is not None:
@@ -310,10 +309,12 @@ def _category_section(c: _Category, metric_names: list[str]) -> str:
     if px is not None:
         plots.append(_plot("Pixel ROC", _roc_fig(
             [(f"AUROC {_fmt_pct(c.metrics.get('pixel_AUROC'))}", px["roc"]["fpr"], px["roc"]["tpr"], _BAD)],
-            f"{c.name}: pixel ROC")))
+            f"{c.name}: pixel ROC"), f"metrics.json: AUROC {_fmt_pct(c.metrics.get('pixel_AUROC'))} "
+            f"(curve thinned to {len(px['roc']['fpr'])} points)"))
         plots.append(_plot("Pixel PR", _pr_fig(
             [(f"AP {_fmt_pct(c.metrics.get('pixel_AP'))}", px["pr"]["recall"], px["pr"]["precision"], _BAD)],
-            f"{c.name}: pixel PR")))
+            f"{c.name}: pixel PR"), f"metrics.json: AP {_fmt_pct(c.metrics.get('pixel_AP'))} "
+            f"(curve thinned to {len(px['pr']['recall'])} points)"))
         if px.get("pro") is not None:
             pro = px["pro"]
             area = integrate(pro["fpr"], pro["pro"]) / pro["max_fpr"]
@@ -329,7 +330,8 @@ def _category_section(c: _Category, metric_names: list[str]) -> str:
         why = "no masks (or no defect pixels), or a run made before report_data.json"
         plots += [_missing(t, why) for t in ("Pixel ROC", "Pixel PR", "PRO curve")]
     if c.labels is not None:
-        plots.append(_plot("Score histogram", _hist_fig(c.scores, c.labels, c.cuts, f"{c.name}: image scores")))
+        plots.append(_plot("Score histogram", _hist_fig(c.scores, c.labels, c.cuts, f"{c.name}: image scores"),
+                           "vertical lines: the thresholds of thresholds.json"))
     else:
         plots.append(_missing("Score histogram", "needs labels"))
     parts.append('<div class="plots">' + "".join(plots) + "</div>")
@@ -363,13 +365,17 @@ def _category_section(c: _Category, metric_names: list[str]) -> str:
     return "\n".join(parts)
 
 
-def _summary_section(results: dict, cats: list[_Category]) -> str:
+def _metric_table(results: dict, cats: list[_Category]) -> str:
     names = results.get("metric_names", [])
-    parts = ['<h2 id="mean">Mean over categories</h2>', "<h3>Metrics</h3>"]
     rows = [[c.name, c.record.get("n_images", "")] + [_fmt_pct(c.metrics.get(m)) for m in names] for c in cats]
     mean = results.get("mean", {}).get("metrics", {})
     rows.append(["mean", sum(int(c.record.get("n_images", 0)) for c in cats)] + [_fmt_pct(mean.get(m)) for m in names])
-    parts.append(table_html(["category", "N"] + names, rows, mean_row=True))
+    return table_html(["category", "N"] + names, rows, mean_row=True)
+
+
+def _summary_section(results: dict, cats: list[_Category]) -> str:
+    mean = results.get("mean", {}).get("metrics", {})
+    parts = ['<h2 id="mean">Mean over categories</h2>', "<h3>Metrics</h3>", _metric_table(results, cats)]
     colors = _colors(len(cats))
     plots = []
     roc = [(f"{c.name} {_fmt_pct(c.metrics.get('image_AUROC'))}", *c.image["roc"], col)
@@ -437,9 +443,11 @@ def render_report(base) -> str:
             f"(FPR up to 0.3); image_AP {results.get('image_ap', 'average_precision')}; metric resolution "
             f"{results.get('metric_resolution', 'input')}; run status {run.get('status', 'unknown')}. "
             "Percent, 1 decimal.")
-    nav = "<nav>" + '<a href="#mean">mean</a>' + "".join(
-        f'<a href="#cat-{html.escape(c.name)}">{html.escape(c.name)}</a>' for c in cats) + "</nav>"
-    body = [nav, _summary_section(results, cats)] + [_category_section(c, names) for c in cats]
+    nav = "<nav>" + "".join(f'<a href="#cat-{html.escape(c.name)}">{html.escape(c.name)}</a>' for c in cats) + \
+        '<a href="#mean">mean over categories</a></nav>'
+    # The table first; then each category; the curves of all categories together last.
+    body = [nav, '<h2 id="summary">Summary</h2>', _metric_table(results, cats)]
+    body += [_category_section(c, names) for c in cats] + [_summary_section(results, cats)]
     return page(title, body, warning=warning, note=note)
 
 

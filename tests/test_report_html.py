@@ -3,9 +3,11 @@ at 32 px (every number meaningless: random weights), checked against scikit-lear
 
 import base64
 import csv
+import importlib.util
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from fiseclip_jax.html_report import SECTIONS, image_curves, read_scores, write_
 from fiseclip_jax.curves import integrate
 
 N_GOOD, N_BAD, SIZE = 5, 4, 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _png(path, array):
@@ -191,3 +194,26 @@ def test_table_report_for_other_callers(tmp_path):
                               note="random weights: meaningless")
     page = path.read_text()
     assert "<td>91.5</td>" in page and "<th>image_AUROC</th>" in page and "http" not in page
+
+
+def _screenshot_module():
+    spec = importlib.util.spec_from_file_location("screenshot", ROOT / "benchmarks" / "screenshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_headless_chromium_screenshot_is_not_blank(run, tmp_path):
+    """The page as a person sees it: Chromium renders it (installed with apt-get when missing and possible)."""
+    shot = _screenshot_module()
+    browser = shot.ensure_chromium(install=True)
+    if browser is None:
+        pytest.skip("no chromium, and it could not be installed here")
+    png = shot.screenshot(browser, run["base"] / "report.html", tmp_path / "page.png", 1280, 1600)
+    stats = shot.blank_stats(png)
+    assert stats["size"] == "1280x1600" and not stats["blank"], stats
+    assert stats["inked"] > 0.05 and stats["colours"] > 50, stats
+    empty = tmp_path / "empty.html"
+    empty.write_text("<!DOCTYPE html><html><body></body></html>")
+    assert shot.blank_stats(shot.screenshot(browser, empty, tmp_path / "empty.png", 640, 480))["blank"]
