@@ -4,6 +4,7 @@
     fiseclip-jax detect DIR --class-name NAME --method fiseclip|musc|anoclip|anoclip+
                         --weights DIR|HUB_ID|random:PRESET [--size S] [--batch-size B] --out OUT
     fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]
+    fiseclip-jax detect DIR ... --thresholds CAT/thresholds.json [--threshold-rule f1|fpr] [--pixel-threshold X]
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH ... (see `evaluate --help`)
     fiseclip-jax report RESULTS_DIR
     fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
