@@ -104,7 +104,8 @@ def _fpr_threshold(neg_sorted: np.ndarray, fpr: float) -> dict:
         t = float(np.nextafter(neg_sorted[0], -np.inf))
     else:
         t = float(neg_sorted[n - 1 - k])  # the (k+1)-th highest: at most k score above it
-    flagged = n - int(np.searchsorted(neg_sorted, t, side="right"))
+    # t in the scores' own dtype: a float64 needle would make numpy cast (copy) the whole array.
+    flagged = n - int(np.searchsorted(neg_sorted, neg_sorted.dtype.type(t), side="right"))
     return {"threshold": t, "target_fpr": float(fpr), "fpr": flagged / n, "flagged": flagged, "normal": n}
 
 
