@@ -9,6 +9,14 @@ Layout under OUT/<method>/<dataset>/ (method: fiseclip | musc | anoclip | anocli
   <category>/scores.csv       file (relative to the dataset root), label, score
   <category>/overlays/*.png   image | heat map | ground-truth mask, for the highest- and
                               lowest-scoring defects and normals
+  <category>/thresholds.json  decision thresholds (`detect --thresholds`): F1-optimal image and pixel
+                              thresholds, and those flagging at most a share `fpr` of good images
+                              (normal pixels); a score above a threshold is anomalous (curves.py)
+  <category>/report_data.json pixel ROC / PR / PRO curves (thinned for plotting) and the gallery list
+  <category>/gallery/*.png    worst cases first (highest-scored good, lowest-scored defective):
+                              image | ground-truth mask | anomaly-map overlay
+  report.html                 one self-contained page of all of it (html_report.py); rebuilt from
+                              these files by `fiseclip-jax report`
 Metrics (SPEC §5) are computed at metric_resolution="input" (default): the anomaly map's own
 size (S x S; 240 x W' for tiled wide images), ground-truth masks resized to it and binarised at
 > 0.5 (mask_rule "strict": only fully white pixels count, MuSc on MVTec; "resize>0": every
@@ -43,8 +51,10 @@ from .data import Category, list_folder, list_mvtec, list_visa, load_image, load
 from .data.images import image_size
 from .detect import detect_category
 from .errors import FiseclipError
+from .curves import f1_threshold, fpr_threshold, pixel_analysis
+from .html_report import write_report
 from .metrics import IMAGE_AP, image_metrics, pixel_metrics
-from .overlay import side_by_side
+from .overlay import side_by_side, triptych
 from .postprocess import upsample_bilinear
 from .prompts import text_features_full
 from .report import clean, percents, write_tables
@@ -121,7 +131,7 @@ def _jsonable(obj):
 
 def run_config(cfg, method, *, dataset, root, masks, size, aupro, mask_rule, weights, seed,
                encode_batch, resample="bicubic", metric_resolution="input", image_ap="average_precision",
-               class_names="clean", protocol=None) -> dict:
+               class_names="clean", protocol=None, fpr=0.01) -> dict:
     """Everything a result depends on; resume compares it key by key (JSON-normalised)."""
     return _jsonable({
         "method": method.label, "method_config": method.record(), "clip": cfg.to_dict(),
@@ -130,7 +140,7 @@ def run_config(cfg, method, *, dataset, root, masks, size, aupro, mask_rule, wei
         "masks": None if masks is None else str(Path(masks).resolve()),
         "protocol": protocol, "size": size, "resample": resample, "class_names": class_names,
         "encode_batch": encode_batch, "mask_rule": mask_rule, "aupro": aupro, "image_ap": image_ap,
-        "metric_resolution": metric_resolution,
+        "metric_resolution": metric_resolution, "fpr": fpr,
     })
 
 
@@ -214,8 +224,35 @@ def pick_overlays(labels, scores, k: int) -> list[tuple[int, str]]:
     return picks
 
 
+def pick_gallery(labels, scores, k: int) -> list[tuple[int, str]]:
+    """Worst cases first: up to k good images by descending score, then up to k defective ones by
+    ascending score, as (index, "normal" | "defect")."""
+    normal = sorted((i for i, l in enumerate(labels) if l == 0), key=lambda i: (-scores[i], i))[:k]
+    defect = sorted((i for i, l in enumerate(labels) if l == 1), key=lambda i: (scores[i], i))[:k]
+    return [(i, "normal") for i in normal] + [(i, "defect") for i in defect]
+
+
+def category_thresholds(labels, scores, maps, masks, *, fpr: float = 0.01) -> tuple[dict, dict | None]:
+    """(thresholds, pixel curves | None) of one category (curves.py): image thresholds need labels of both
+    kinds (the FPR one only good images), pixel ones masks with defect and normal pixels."""
+    image, pixel, curves = None, None, None
+    if all(l is not None for l in labels):
+        y = np.asarray(labels, np.int64)
+        image = {}
+        if 0 < y.sum() < y.size:
+            image["f1"] = f1_threshold(y, scores)
+        if (y == 0).any():
+            image["at_fpr"] = fpr_threshold(np.asarray(scores)[y == 0], fpr)
+    if masks is not None and any(np.any(m) for m in masks) and not all(np.all(m) for m in masks):
+        curves = pixel_analysis(masks, maps, fpr=fpr)
+        pixel = {"f1": curves.pop("f1"), "at_fpr": curves.pop("at_fpr")}
+    return {"rule": "a score above the threshold is anomalous", "fpr": fpr, "image": image or None,
+            "pixel": pixel}, curves
+
+
 def _write_category(final: Path, cat: Category, root: Path, scores, maps, masks, record: dict,
-                    overlays: int) -> None:
+                    overlays: int, thresholds: dict | None = None, curves: dict | None = None,
+                    gallery: int = 4) -> None:
     """Everything of one category into a temporary folder, then renamed into place."""
     for stale in final.parent.glob(f".{final.name}.*-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -233,6 +270,18 @@ def _write_category(final: Path, cat: Category, root: Path, scores, maps, masks,
         name = f"{tag}__{overlay_name(os.path.relpath(cat.samples[i].path, common))}"
         side_by_side(load_image(cat.samples[i].path), maps[i], vmin=vmin, vmax=vmax,
                      mask=None if masks is None else masks[i]).save(tmp / "overlays" / name)
+    shown = []
+    if gallery:
+        (tmp / "gallery").mkdir()
+    for rank, (i, kind) in enumerate(pick_gallery(cat.labels, scores, gallery)):
+        name = f"{rank:02d}_{kind}__{overlay_name(os.path.relpath(cat.samples[i].path, common))}"
+        triptych(load_image(cat.samples[i].path), None if masks is None else masks[i], maps[i],
+                 vmin=vmin, vmax=vmax).save(tmp / "gallery" / name)
+        shown.append({"png": f"gallery/{name}", "file": rels[i], "label": cat.samples[i].label,
+                      "score": float(scores[i])})
+    (tmp / "report_data.json").write_text(json.dumps({"pixel_curves": curves, "gallery": shown}) + "\n")
+    if thresholds is not None:
+        (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     record["overlay_scale"] = [vmin, vmax]
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")  # last: marks completion
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -311,7 +360,8 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
              seed: int = 0, encode_batch: int = 8, resample: str = "bicubic", metric_resolution: str = "input",
              image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None,
              overwrite: bool = False, strict: bool = False, plan: EvalPlan | None = None,
-             status: Status | None = None, say=lambda msg: None) -> dict:
+             status: Status | None = None, say=lambda msg: None, fpr: float = 0.01, gallery: int = 4,
+             html: bool = True) -> dict:
     """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
     {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
 
@@ -325,8 +375,12 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     OUT/<method>/<dataset> (neither: it must be empty); strict: stop at the first unreadable image
     instead of leaving it out. `plan` (from `plan_evaluate`, which the CLI calls before loading
     weights) replaces categories/masks/overwrite/resume/strict; `status` counts finished categories
-    (what an interrupt reports); `say` gets phase messages. Outputs as in the module docstring.
+    (what an interrupt reports); `say` gets phase messages; fpr: the target false-positive rate of
+    thresholds.json; gallery: worst cases per kind shown in report.html (html=False: no report.html).
+    Outputs as in the module docstring.
     """
+    if not 0.0 <= fpr <= 1.0:
+        raise FiseclipError(f"--fpr must be between 0 and 1, got {fpr}")
     if aupro not in AUPRO_VARIANTS:
         raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
     if mask_rule not in MASK_RULES:
@@ -352,7 +406,7 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
                     class_names=class_names)
     current = run_config(cfg, method, dataset=dataset, root=root, masks=masks, size=size, aupro=aupro,
                          mask_rule=mask_rule, weights=weights, seed=seed, encode_batch=encode_batch,
-                         protocol=protocol, **settings)
+                         protocol=protocol, fpr=fpr, **settings)
     done_before = set()
     if resume:  # check everything before computing anything
         prev = _read_json(base / "run.json")
@@ -408,8 +462,15 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
                   f"are left out of its metrics (listed in {base / cat.name / 'metrics.json'})", file=sys.stderr)
         say(f"{label}: writing scores and overlays")
         t0 = time.perf_counter()
+        thresholds, curves = category_thresholds(scored.labels, scores, maps, gt, fpr=fpr)
+        thresholds = {"category": cat.name, "method": method.label, "weights": weights, "size": size,
+                      "class_name": record["class_name"], "random_weights": current["random_weights"],
+                      **thresholds}
+        record["timing_s"]["thresholds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         with WRITE_LOCK:
-            _write_category(base / cat.name, scored, root, scores, maps, gt, record, overlays_per_category)
+            _write_category(base / cat.name, scored, root, scores, maps, gt, record, overlays_per_category,
+                            thresholds, curves, gallery)
             timings[cat.name] = {**record["timing_s"], "write": time.perf_counter() - t0}
             done.append(cat.name)
             status.done += 1
@@ -419,4 +480,8 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
             print(f"{label}: {summary or 'scores only'}", file=sys.stderr)
 
     with WRITE_LOCK:
-        return write_state(final=True)
+        results = write_state(final=True)
+    if html:  # last: built only from the files above (`fiseclip-jax report` rebuilds it the same way)
+        say(f"writing {base / 'report.html'}")
+        write_report(base)
+    return results

@@ -4,7 +4,9 @@
     fiseclip-jax detect DIR --class-name NAME --method fiseclip|musc|anoclip|anoclip+
                         --weights DIR|HUB_ID|random:PRESET [--size S] [--batch-size B] --out OUT
     fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]
+    fiseclip-jax detect DIR ... --thresholds CAT/thresholds.json [--threshold-rule f1|fpr] [--pixel-threshold X]
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH ... (see `evaluate --help`)
+    fiseclip-jax report RESULTS_DIR
     fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
                             [--capacity K] [--mode exact|coreset] --out BANK
     fiseclip-jax watch DIR --bank BANK --out OUT [--update none|gated] [--poll SECONDS]
@@ -17,10 +19,10 @@ import sys
 import traceback
 
 from ..errors import FiseclipError
-from . import bank, convert, detect, evaluate, watch
+from . import bank, convert, detect, evaluate, report, watch
 from .common import configure_caches
 
-COMMANDS = (convert, detect, evaluate, bank, watch)
+COMMANDS = (convert, detect, evaluate, report, bank, watch)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
 USER_ERRORS = (FiseclipError, OSError)
 

@@ -1,7 +1,10 @@
 """`fiseclip-jax detect DIR --method M --weights W [--size S] ... --out OUT`: a folder in, scores and maps out.
 
 `fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]`: each image scored against a
-reference bank (method, weights and size come from the bank), with a decision column."""
+reference bank (method, weights and size come from the bank), with a decision column.
+
+`--thresholds CAT/thresholds.json [--threshold-rule f1|fpr]` (from `evaluate`), `--threshold X` or
+`--pixel-threshold X`: a decision column, and for a pixel threshold a defect mask per image in masks/."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import sys
 from ..detect import few_images_message
 from ..errors import FiseclipError
 from ..outputs import WRITE_LOCK, Status
-from ..runner import plan_detect, run_detect
+from ..runner import THRESHOLD_RULES, plan_detect, read_thresholds, run_detect
 from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, make_run_mesh,
                      method_from_args, read_bank_args, run_interruptible, speaker)
 
@@ -19,6 +22,9 @@ def cmd_detect(args) -> int:
     say = speaker(args.no_progress)
     # Everything is checked before the weights load: the bank, the folder, --out, the options.
     record = read_bank_args(args)
+    if record is not None and args.thresholds:
+        raise FiseclipError("--thresholds holds thresholds of zero-shot scores; with --bank use --fpr or --threshold")
+    thresholds = read_thresholds(args.thresholds, args.threshold_rule) if args.thresholds else None
     if record is not None and (args.devices or args.distributed):
         raise FiseclipError("--bank scores each image on its own against the bank: --devices is not supported")
     plan = plan_detect(args.dir, args.out, class_name=args.class_name, overwrite=args.overwrite,
@@ -39,15 +45,19 @@ def cmd_detect(args) -> int:
         record_ = run_detect(params, cfg, plan.folder, method, out=plan.out, size=args.size,
                              encode_batch=args.batch_size or 8, progress=not args.no_progress,
                              random_weights=is_random, weights=weights, seed=args.seed, mesh=mesh, plan=plan,
-                             status=status, say=say, bank=bank, threshold=args.threshold, fpr=args.fpr)
+                             status=status, say=say, bank=bank, threshold=args.threshold, fpr=args.fpr,
+                             thresholds=thresholds, pixel_threshold=args.pixel_threshold)
         if is_random:
             print(RANDOM_BANNER.format(spec=weights), file=sys.stderr)
         out = plan.out
         decided = ""
         if "decision" in record_:
             decided = f"; decisions at threshold {record_['decision']['threshold']:.6f}"
+        masks = ""
+        if "pixel_threshold" in record_:
+            masks = f", defect masks (map > {record_['pixel_threshold']['threshold']:.6f}) in {out / 'masks'}"
         print(f"wrote {out / 'scores.csv'} ({record_['num_scored']} of {record_['num_images']} images scored"
-              f"{decided}), overlays in {out / 'overlays'} and {out / 'run.json'}")
+              f"{decided}), overlays in {out / 'overlays'}{masks} and {out / 'run.json'}")
         if record_["errors"]:
             print(f"fiseclip-jax detect: {len(record_['errors'])} image(s) could not be read and have no score "
                   f"(the error column of {out / 'scores.csv'} says why)", file=sys.stderr)
@@ -67,7 +77,15 @@ def add_parser(sub) -> None:
     d.add_argument("--bank", default=None,
                    help="a reference bank (`bank build`): each image is scored against it alone and gets a decision")
     add_decision_args(d)
-    d.add_argument("--out", required=True, help="output folder: scores.csv, overlays/, run.json")
+    d.add_argument("--thresholds", default=None, metavar="THRESHOLDS_JSON",
+                   help="a category's thresholds.json from `evaluate` (same method and size): its image threshold "
+                        "gives the decision column, its pixel threshold a defect mask per image (masks/)")
+    d.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
+                   help="which thresholds of --thresholds: f1 (F1-optimal, default) or fpr (at most evaluate's "
+                        "--fpr share of good images / normal pixels flagged)")
+    d.add_argument("--pixel-threshold", type=float, default=None,
+                   help="defect masks: white where the anomaly map is above this (overrides --thresholds')")
+    d.add_argument("--out", required=True, help="output folder: scores.csv, overlays/, masks/, run.json")
     d.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     d.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (same options)")
     d.add_argument("--strict", action="store_true",

@@ -5,7 +5,9 @@
                           [--protocol musc-paper|anoclip-paper] [--aupro exact|legacy]
                           [--mask-rule resize|strict|nonzero] [--metric-resolution input|original]
                           [--image-ap average_precision|pr_auc] [--resample bicubic|bilinear]
-                          [--overwrite | --resume] [--strict] --out OUT
+                          [--fpr F] [--gallery K] [--overwrite | --resume] [--strict] --out OUT
+
+Writes results tables, per category thresholds.json (for `detect --thresholds`), and report.html.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import sys
 
 from .. import protocols
+from ..errors import FiseclipError
 from ..evaluate import evaluate, plan_evaluate
 from ..outputs import WRITE_LOCK, Status
-from .common import (RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args,
+from .common import (RANDOM_BANNER, add_method_args, count, load_weights, make_run_mesh, method_from_args,
                      run_interruptible, speaker)
 
 _MASK_RULES = {"resize": "resize>0.5", "strict": "strict", "nonzero": "resize>0"}
@@ -32,6 +35,8 @@ def run_settings(args, protocol) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    if not 0.0 <= args.fpr <= 1.0:
+        raise FiseclipError(f"--fpr must be between 0 and 1, got {args.fpr}")
     say = speaker(args.no_progress)
     # Everything is checked before the weights load: the dataset's files, --out, the options.
     protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
@@ -53,10 +58,12 @@ def cmd_evaluate(args) -> int:
         results = evaluate(params, cfg, args.dataset, args.root, method, out=args.out, masks=args.masks,
                            overlays_per_category=args.overlays, progress=not args.no_progress,
                            weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh,
-                           plan=plan, status=status, say=say, **{"size": None, **settings})
+                           fpr=args.fpr, gallery=args.gallery, plan=plan, status=status, say=say,
+                           **{"size": None, **settings})
         base = plan.base
         print((base / "results.md").read_text(), end="")
-        print(f"\nwrote {base}/results.md, results.csv, results.json, run.json and one folder per category")
+        print(f"\nwrote {base}/results.md, results.csv, results.json, run.json, report.html and one folder per "
+              "category (metrics.json, scores.csv, thresholds.json, overlays/, gallery/)")
         if is_random:
             print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
         skipped = sum(c.get("n_unreadable", 0) for c in results["categories"].values())
@@ -98,6 +105,12 @@ def add_parser(sub) -> None:
     e.add_argument("--resample", choices=("bicubic", "bilinear"), default=None,
                    help="preprocessing resize filter (default bicubic; AnoVL: bilinear)")
     e.add_argument("--overlays", type=int, default=4, help="overlay pictures per category (default 4)")
+    e.add_argument("--fpr", type=float, default=0.01,
+                   help="thresholds.json: also the threshold that flags at most this share of the good images "
+                        "(and of the normal pixels) (default 0.01)")
+    e.add_argument("--gallery", type=count(0), default=4,
+                   help="report.html: worst cases shown per category, of each kind (highest-scored good, "
+                        "lowest-scored defective; default 4)")
     e.add_argument("--resume", action="store_true",
                    help="finish an interrupted run: skip categories already finished in OUT with the same configuration")
     e.add_argument("--overwrite", action="store_true",
