@@ -16,6 +16,9 @@ A run never loses work:
 With a reference bank (`bank=`, `detect --bank`) each image is scored against the bank alone, and a
 `decision` column says `anomalous` (score above the threshold) or `normal`; the threshold is the
 bank's (1 − fpr) normal-score quantile unless given, and run.json records it.
+
+With an exported detector (`exported=`, `detect --exported`, fiseclip_jax.export) the exported program
+scores the images; method, size, class name (and bank) are the export's, everything written is the same.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .data import Category, image_size, infer_class_name, list_folder, load_imag
 from .bank import bank_digest, bank_threshold
 from .detect import bank_groups, category_groups, few_images_message, iter_detect, iter_detect_bank
 from .errors import FiseclipError
+from .export import ExportedDetector
 from .outputs import atomic_write_text, library_versions, overlay_name
 from .overlay import side_by_side
 from .prompts import text_features_full
@@ -175,20 +179,37 @@ def _write_rows(path: Path, rels: list[str], rows: dict[str, dict], columns=COLU
 
 
 def run_config(plan: DetectPlan, cfg, method, *, size, encode_batch, weights, seed, devices, bank=None,
-               threshold=None) -> dict:
+               threshold=None, exported: ExportedDetector | None = None) -> dict:
     """Everything the results depend on; a resumed run must match it."""
-    return json.loads(json.dumps({
+    config = {
         "folder": str(plan.folder.resolve()), "files": plan.rels, "class_name": plan.class_name, "size": size,
         "weights": weights, "clip": cfg.to_dict(), "config": method.record(), "encode_batch": encode_batch,
         "seed": seed, "devices": devices, "bank": None if bank is None else bank_digest(bank),
-        "threshold": threshold}, default=str))
+        "threshold": threshold}
+    if exported is not None:
+        config["exported"] = exported_info(exported)
+    return json.loads(json.dumps(config, default=str))
 
 
-def resolve_threshold(bank, threshold=None, fpr: float = 0.01) -> dict | None:
+def exported_info(exported: ExportedDetector) -> dict:
+    """What run.json records of an exported detector."""
+    r = exported.record
+    return {"dir": str(exported.path.resolve()), "platforms": r["platforms"], "batch": r["batch"],
+            "weights_fingerprint": r["weights_fingerprint"], "bank": r.get("bank")}
+
+
+def resolve_threshold(bank, threshold=None, fpr: float = 0.01,
+                      exported: ExportedDetector | None = None) -> dict | None:
     """{"threshold", "source"}: the decision threshold a run uses (given, or the bank's (1 − fpr) quantile of
-    its normal scores), or None when there is neither a bank nor a threshold (no decisions)."""
+    its normal scores, the bank's of an exported bank detector too), or None when there is neither a bank nor
+    a threshold (no decisions)."""
     if threshold is not None:
         return {"threshold": float(threshold), "source": "--threshold"}
+    if exported is not None and exported.is_bank:
+        n = exported.record["bank"]["images"]
+        return {"threshold": exported.threshold(fpr), "fpr": fpr,
+                "source": f"the {1 - fpr:g} quantile of the exported bank's {n} leave-one-out normal scores "
+                          f"(--fpr {fpr})"}
     if bank is None:
         return None
     n = int(np.sum(np.asarray(bank.valid)))
@@ -223,28 +244,35 @@ def input_notices(paths, size: int) -> tuple[list[str], dict[int, str]]:
 def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, encode_batch=8, progress=True,
                random_weights=False, weights="", seed=0, mesh=None, overwrite=False, resume=False, strict=False,
                plan: DetectPlan | None = None, status: Status | None = None,
-               say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01) -> dict:
+               say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01,
+               exported: ExportedDetector | None = None) -> dict:
     """Score every image of `folder` into `out`; returns the run record (also written as run.json),
     with "errors": {file: message} of images that could not be read. With a reference `bank` (method,
-    size and class name are the bank's) images are scored against it and get a decision."""
+    size and class name are the bank's) images are scored against it and get a decision. With `exported`
+    (`load_exported`; params and cfg are then unused) its program scores the images."""
     plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
                                strict=strict)
     status = status or Status()
     if bank is not None:
         method, size = bank.meta.method, bank.meta.size
         plan.class_name, plan.class_name_source = bank.meta.class_name, "the bank"
-    decision = resolve_threshold(bank, threshold, fpr)
+    if exported is not None:
+        method, size, cfg = exported.method, exported.size, exported.clip
+        plan.class_name, plan.class_name_source = exported.class_name, "the export"
+        weights, random_weights = exported.record["weights"], exported.record["random_weights"]
+    against_bank = bank is not None or (exported is not None and exported.is_bank)
+    decision = resolve_threshold(bank, threshold, fpr, exported)
     size = size or cfg.vision.image_size
     if size < 1 or size % cfg.vision.patch_size:
         raise FiseclipError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     paths, rels, out = plan.paths, plan.rels, plan.out
     n = len(paths)
-    if n < method.min_images and bank is None:
+    if n < method.min_images and not against_bank:
         raise FiseclipError(few_images_message(method, n, plan.class_name))
     status.total = n
     devices = 1 if mesh is None else int(mesh.size)
     current = run_config(plan, cfg, method, size=size, encode_batch=encode_batch, weights=weights, seed=seed,
-                         devices=devices, bank=bank, threshold=decision and decision["threshold"])
+                         devices=devices, bank=bank, threshold=decision and decision["threshold"], exported=exported)
     columns = COLUMNS if decision is None else DECISION_COLUMNS
     notices, header_errors = input_notices(paths, size)
     for notice in notices:
@@ -264,20 +292,27 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     (out / "run.json").unlink(missing_ok=True)  # written again, last, when the results are complete
 
 
-    groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
+    if exported is not None:
+        groups = exported.groups(n, encode_batch)
+    else:
+        groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
     done = {g for g, (lo, hi) in enumerate(groups)
             if (partial / "maps" / f"{g:06d}.npz").exists() and all(rels[i] in rows for i in range(lo, hi))}
     status.done = sum(hi - lo for g, (lo, hi) in enumerate(groups) if g in done)
     if done:
         say(f"resuming: {status.done} of {n} images already scored")
-    if method.prompts is not None:
+    if method.prompts is not None and exported is None:
         say(f"encoding the {method.prompts} prompts for {plan.class_name!r}")
         text = text_features_full(params, cfg, plan.class_name, method.prompts)
     else:
         text = None
     say(f"scoring {n - status.done} images with {method.label} at {size}px"
-        f"{' against the reference bank' if bank is not None else ''} (the first batch compiles, later ones reuse it)")
-    if bank is None:
+        f"{' against the reference bank' if against_bank else ''}{' (exported program)' if exported else ''} "
+        "(the first batch compiles, later ones reuse it)")
+    if exported is not None:
+        results = exported.iter_groups(paths, encode_batch=encode_batch, progress=progress, skip_groups=done,
+                                       feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
+    elif bank is None:
         results = iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
                               text=text, progress=progress, mesh=mesh, skip_groups=done,
                               feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
@@ -309,6 +344,8 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     }
     if decision is not None:
         record["decision"] = decision
+    if exported is not None:
+        record["exported"] = exported_info(exported)
     if bank is not None:
         record["bank"] = {"mode": bank.meta.mode, "images": int(np.sum(np.asarray(bank.valid))),
                           "fingerprint": bank.meta.fingerprint, "digest": bank_digest(bank)}
