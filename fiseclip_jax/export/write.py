@@ -126,7 +126,9 @@ def export_detector(params, cfg: CLIPConfig, method: Optional[Method], *, out, c
                           "layout": "NHWC float32, (uint8 / 255 - mean) / std, the whole image resized to S×S "
                                     "with PIL (antialiased)"},
         "weights": weights, "weights_fingerprint": tree_fingerprint(params), "random_weights": bool(random_weights),
-        "platforms": list(platforms), "call": CALL, "program_bytes": len(blob), "export_seconds": round(export_s, 3),
+        "platforms": list(platforms), "call": CALL,
+        "program_bytes": len(blob), "export_seconds": round(export_s, 3),
+        "matmul_precision": jax.config.jax_default_matmul_precision,  # baked into the program when lowered
         "versions": library_versions(),
     }
     if bank is not None:
