@@ -133,7 +133,8 @@ def export_detector(params, cfg: CLIPConfig, method: Optional[Method], *, out, c
     }
     if bank is not None:
         record["bank"] = {"mode": bank.meta.mode, "images": int(np.sum(np.asarray(bank.valid))),
-                          "fingerprint": bank.meta.fingerprint, "digest": bank_digest(bank), "weights": bank.meta.weights}
+                          "fingerprint": bank.meta.fingerprint, "digest": bank_digest(bank),
+                          "weights": bank.meta.weights}
     if random_weights:
         record["warning"] = "random weights: scores and maps are meaningless"
     _write(out, blob, {"args": args, "state": state}, record, overwrite)
