@@ -210,3 +210,40 @@ def test_cli_export_then_detect_exported_writes_live_scores(tmp_path, files, cap
                    "size, class name and bank; drop the option(s) or export again"]
     assert main(["export", "--method", "musc", *common, "--out", str(tmp_path / "m")]) == 2
     assert "pass --batch N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_exported_bank_decides_as_detect_bank(tmp_path, exports, files):
+    """`export --bank` then `detect --exported`: the scores and decisions of `detect --bank` (same threshold)."""
+    fj.save_bank(tmp_path / "bank", exports["bank-object"], notes={"seed": 0})
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(files):
+        (folder / f"{i}_{f.parent.name}.png").write_bytes(f.read_bytes())
+    assert main(["export", "--bank", str(tmp_path / "bank"), "--platforms", "cpu", "--out", str(tmp_path / "exp"),
+                 "--no-progress"]) == 0
+    assert main(["detect", str(folder), "--exported", str(tmp_path / "exp"), "--out", str(tmp_path / "o1"),
+                 "--no-progress"]) == 0
+    assert main(["detect", str(folder), "--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "o2"),
+                 "--no-progress"]) == 0
+    rows = (tmp_path / "o1" / "scores.csv").read_text()
+    assert rows == (tmp_path / "o2" / "scores.csv").read_text() and rows.startswith("file,score,label,decision")
+    runs = [json.loads((tmp_path / o / "run.json").read_text()) for o in ("o1", "o2")]
+    assert runs[0]["decision"]["threshold"] == runs[1]["decision"]["threshold"] == fj.bank_threshold(
+        exports["bank-object"], 0.01)
+
+
+def test_resumed_groups_carry_the_state_of_the_skipped_ones(exports, files):
+    """AnoCLIP+ in calls of 2: skipping the first call (a resumed run) restores its carried state from the store,
+    so the later calls give what an uninterrupted run gives (the adapter draws are keyed by the image index)."""
+    detector = load_exported(exports["anoclip+"])
+    store = {}
+    full = list(detector.iter_groups(files, encode_batch=2, progress=False, feature_store=store))
+    assert sorted(store) == ["state-000000", "state-000001", "state-000002"]
+    resumed = list(detector.iter_groups(files, encode_batch=2, progress=False, feature_store=store,
+                                        skip_groups={0}))
+    assert [r.group for r in resumed] == [1, 2]
+    for a, b in zip(full[1:], resumed):
+        np.testing.assert_array_equal(a.anomaly_maps, b.anomaly_maps)
+    fresh = list(detector.iter_groups(files[2:4], encode_batch=2, progress=False))  # index 0, 1: other draws
+    assert np.abs(fresh[0].anomaly_maps - full[1].anomaly_maps).max() > 1e-4
