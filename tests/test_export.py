@@ -21,7 +21,7 @@ from fiseclip_jax.clip.config import CLIP_MEAN
 from fiseclip_jax.cli import main
 from fiseclip_jax.data import load_image
 from fiseclip_jax.errors import FiseclipError
-from fiseclip_jax.export import export_detector, load_exported
+from fiseclip_jax.export import check_platforms, export_detector, load_exported
 
 S = 32  # tiny CLIP's native size
 # The batch-free FiSeCLIP of the bank tests: the share filter keeps 80 % of each image's patches (with random
@@ -247,3 +247,9 @@ def test_resumed_groups_carry_the_state_of_the_skipped_ones(exports, files):
         np.testing.assert_array_equal(a.anomaly_maps, b.anomaly_maps)
     fresh = list(detector.iter_groups(files[2:4], encode_batch=2, progress=False))  # index 0, 1: other draws
     assert np.abs(fresh[0].anomaly_maps - full[1].anomaly_maps).max() > 1e-4
+
+
+def test_platforms_are_checked():
+    assert check_platforms("CPU, cuda,cpu") == ("cpu", "cuda")
+    with pytest.raises(FiseclipError, match="'cpu,gpu': gpu: each must be one of cpu, cuda, rocm, tpu"):
+        check_platforms("cpu,gpu")

@@ -109,8 +109,9 @@ def check_platforms(platforms) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(p for p in names if p))
     bad = [p for p in names if p not in PLATFORMS]
     if bad or not names:
-        raise FiseclipError(f"--platforms {','.join(names) or platforms!r}: each must be one of "
-                            f"{', '.join(PLATFORMS)} (comma-separated)")
+        raise FiseclipError(f"--platforms {platforms if isinstance(platforms, str) else ','.join(platforms)!r}: "
+                            f"{', '.join(bad) or 'none given'}: each must be one of {', '.join(PLATFORMS)} "
+                            "(comma-separated; jax.export calls NVIDIA GPUs cuda)")
     return names
 
 
