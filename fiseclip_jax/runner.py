@@ -20,6 +20,9 @@ threshold given (`threshold=`) or read from an evaluate run's thresholds.json (`
 `read_thresholds`) adds the same column; a pixel threshold (`pixel_threshold=`, or the file's)
 writes a binary defect mask per image, masks/<name>.png (white: map above the threshold), named
 as its overlay.
+
+With an exported detector (`exported=`, `detect --exported`, fiseclip_jax.export) the exported program
+scores the images; method, size, class name (and bank) are the export's, everything written is the same.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .data import Category, image_size, infer_class_name, list_folder, load_imag
 from .bank import bank_digest, bank_threshold
 from .detect import bank_groups, category_groups, few_images_message, iter_detect, iter_detect_bank
 from .errors import FiseclipError
+from .export import ExportedDetector
 from .outputs import WRITE_LOCK, Status, atomic_write_text, check_out, library_versions, overlay_name
 from .overlay import side_by_side
 from .prompts import clean_class_name, text_features_full
@@ -145,13 +149,23 @@ def _write_rows(path: Path, rels: list[str], rows: dict[str, dict], columns=COLU
 
 
 def run_config(plan: DetectPlan, cfg, method, *, size, encode_batch, weights, seed, devices, bank=None,
-               threshold=None, pixel_threshold=None) -> dict:
+               threshold=None, pixel_threshold=None, exported: ExportedDetector | None = None) -> dict:
     """Everything the results depend on; a resumed run must match it."""
-    return json.loads(json.dumps({
+    config = {
         "folder": str(plan.folder.resolve()), "files": plan.rels, "class_name": plan.class_name, "size": size,
         "weights": weights, "clip": cfg.to_dict(), "config": method.record(), "encode_batch": encode_batch,
         "seed": seed, "devices": devices, "bank": None if bank is None else bank_digest(bank),
-        "threshold": threshold, "pixel_threshold": pixel_threshold}, default=str))
+        "threshold": threshold, "pixel_threshold": pixel_threshold}
+    if exported is not None:
+        config["exported"] = exported_info(exported)
+    return json.loads(json.dumps(config, default=str))
+
+
+def exported_info(exported: ExportedDetector) -> dict:
+    """What run.json records of an exported detector."""
+    r = exported.record
+    return {"dir": str(exported.path.resolve()), "platforms": r["platforms"], "batch": r["batch"],
+            "weights_fingerprint": r["weights_fingerprint"], "bank": r.get("bank")}
 
 
 THRESHOLD_RULES = ("f1", "fpr")
@@ -194,15 +208,21 @@ def check_thresholds(thresholds: dict, method, size: int, weights: str, class_na
         say(f"warning: {where} is for class {thresholds['class_name']!r}, this run prompts {class_name!r}")
 
 
-def resolve_threshold(bank, threshold=None, fpr: float = 0.01, thresholds: dict | None = None) -> dict | None:
+def resolve_threshold(bank, threshold=None, fpr: float = 0.01, thresholds: dict | None = None,
+                      exported: ExportedDetector | None = None) -> dict | None:
     """{"threshold", "source"}: the decision threshold a run uses (given, else the image threshold of
-    `thresholds` (`read_thresholds`), else the bank's (1 − fpr) quantile of its normal scores), or None when
-    there is none of them (no decisions)."""
+    `thresholds` (`read_thresholds`), else the bank's (1 − fpr) quantile of its normal scores, the bank's of
+    an exported bank detector too), or None when there is none of them (no decisions)."""
     if threshold is not None:
         return {"threshold": float(threshold), "source": "--threshold"}
     if thresholds is not None and thresholds["image"] is not None:
         return {"threshold": float(thresholds["image"]),
                 "source": f"the {thresholds['rule']} image threshold of {thresholds['file']}"}
+    if exported is not None and exported.is_bank:
+        n = exported.record["bank"]["images"]
+        return {"threshold": exported.threshold(fpr), "fpr": fpr,
+                "source": f"the {1 - fpr:g} quantile of the exported bank's {n} leave-one-out normal scores "
+                          f"(--fpr {fpr})"}
     if bank is None:
         return None
     n = int(np.sum(np.asarray(bank.valid)))
@@ -253,19 +273,26 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
                random_weights=False, weights="", seed=0, mesh=None, overwrite=False, resume=False, strict=False,
                plan: DetectPlan | None = None, status: Status | None = None,
                say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01,
-               thresholds: dict | None = None, pixel_threshold=None) -> dict:
+               thresholds: dict | None = None, pixel_threshold=None,
+               exported: ExportedDetector | None = None) -> dict:
     """Score every image of `folder` into `out`; returns the run record (also written as run.json),
     with "errors": {file: message} of images that could not be read. With a reference `bank` (method,
     size and class name are the bank's) images are scored against it and get a decision; so do they with
     a `threshold` or `thresholds` (`read_thresholds` of an evaluate run's thresholds.json, checked against
-    this run's method and size). A pixel threshold (`pixel_threshold` or the file's) writes defect masks."""
+    this run's method and size). A pixel threshold (`pixel_threshold` or the file's) writes defect masks.
+    With `exported` (`load_exported`; params and cfg are then unused) its program scores the images."""
     plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
                                strict=strict)
     status = status or Status()
     if bank is not None:
         method, size = bank.meta.method, bank.meta.size
         plan.class_name, plan.class_name_source = bank.meta.class_name, "the bank"
-    decision = resolve_threshold(bank, threshold, fpr, thresholds)
+    if exported is not None:
+        method, size, cfg = exported.method, exported.size, exported.clip
+        plan.class_name, plan.class_name_source = exported.class_name, "the export"
+        weights, random_weights = exported.record["weights"], exported.record["random_weights"]
+    against_bank = bank is not None or (exported is not None and exported.is_bank)
+    decision = resolve_threshold(bank, threshold, fpr, thresholds, exported)
     pixel = resolve_pixel_threshold(pixel_threshold, thresholds)
     size = size or cfg.vision.image_size
     if thresholds is not None:
@@ -274,13 +301,13 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
         raise FiseclipError(f"--size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
     paths, rels, out = plan.paths, plan.rels, plan.out
     n = len(paths)
-    if n < method.min_images and bank is None:
+    if n < method.min_images and not against_bank:
         raise FiseclipError(few_images_message(method, n, plan.class_name))
     status.total = n
     devices = 1 if mesh is None else int(mesh.size)
     current = run_config(plan, cfg, method, size=size, encode_batch=encode_batch, weights=weights, seed=seed,
                          devices=devices, bank=bank, threshold=decision and decision["threshold"],
-                         pixel_threshold=pixel and pixel["threshold"])
+                         pixel_threshold=pixel and pixel["threshold"], exported=exported)
     columns = COLUMNS if decision is None else DECISION_COLUMNS
     notices, header_errors = input_notices(paths, size)
     for notice in notices:
@@ -300,20 +327,27 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     (out / "run.json").unlink(missing_ok=True)  # written again, last, when the results are complete
 
 
-    groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
+    if exported is not None:
+        groups = exported.groups(n, encode_batch)
+    else:
+        groups = category_groups(method, n, encode_batch) if bank is None else bank_groups(n, encode_batch)
     done = {g for g, (lo, hi) in enumerate(groups)
             if (partial / "maps" / f"{g:06d}.npz").exists() and all(rels[i] in rows for i in range(lo, hi))}
     status.done = sum(hi - lo for g, (lo, hi) in enumerate(groups) if g in done)
     if done:
         say(f"resuming: {status.done} of {n} images already scored")
-    if method.prompts is not None:
+    if method.prompts is not None and exported is None:
         say(f"encoding the {method.prompts} prompts for {plan.class_name!r}")
         text = text_features_full(params, cfg, plan.class_name, method.prompts)
     else:
         text = None
     say(f"scoring {n - status.done} images with {method.label} at {size}px"
-        f"{' against the reference bank' if bank is not None else ''} (the first batch compiles, later ones reuse it)")
-    if bank is None:
+        f"{' against the reference bank' if against_bank else ''}{' (exported program)' if exported else ''} "
+        "(the first batch compiles, later ones reuse it)")
+    if exported is not None:
+        results = exported.iter_groups(paths, encode_batch=encode_batch, progress=progress, skip_groups=done,
+                                       feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
+    elif bank is None:
         results = iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
                               text=text, progress=progress, mesh=mesh, skip_groups=done,
                               feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
@@ -347,6 +381,8 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
         record["decision"] = decision
     if pixel is not None:
         record["pixel_threshold"] = pixel
+    if exported is not None:
+        record["exported"] = exported_info(exported)
     if bank is not None:
         record["bank"] = {"mode": bank.meta.mode, "images": int(np.sum(np.asarray(bank.valid))),
                           "fingerprint": bank.meta.fingerprint, "digest": bank_digest(bank)}

@@ -10,6 +10,9 @@
     fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
                             [--capacity K] [--mode exact|coreset] --out BANK
     fiseclip-jax watch DIR --bank BANK --out OUT [--update none|gated] [--poll SECONDS]
+    fiseclip-jax export --method M --weights W [--size S] --class-name C [--bank BANK]
+                        [--platforms cpu,cuda,tpu] [--batch N|dynamic] --out DIR
+    fiseclip-jax detect DIR --exported EXPORT_DIR --out OUT
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import sys
 import traceback
 
 from ..errors import FiseclipError
-from . import bank, convert, detect, evaluate, report, watch
+from . import bank, convert, detect, evaluate, export, report, watch
 from .common import configure_caches
 
-COMMANDS = (convert, detect, evaluate, report, bank, watch)
+COMMANDS = (convert, detect, evaluate, report, bank, watch, export)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
 USER_ERRORS = (FiseclipError, OSError)
 

@@ -4,7 +4,10 @@
 reference bank (method, weights and size come from the bank), with a decision column.
 
 `--thresholds CAT/thresholds.json [--threshold-rule f1|fpr]` (from `evaluate`), `--threshold X` or
-`--pixel-threshold X`: a decision column, and for a pixel threshold a defect mask per image in masks/."""
+`--pixel-threshold X`: a decision column, and for a pixel threshold a defect mask per image in masks/.
+
+`fiseclip-jax detect DIR --exported EXPORT_DIR --out OUT`: the images scored by an exported program
+(`fiseclip-jax export`; method, weights, size, class name and bank come from the export)."""
 
 from __future__ import annotations
 
@@ -12,13 +15,20 @@ import sys
 
 from ..detect import few_images_message
 from ..errors import FiseclipError
+from ..export import load_exported, read_export_json
 from ..outputs import WRITE_LOCK, Status
 from ..runner import THRESHOLD_RULES, plan_detect, read_thresholds, run_detect
 from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, make_run_mesh,
                      method_from_args, read_bank_args, run_interruptible, speaker)
 
 
+# Options an export fixes (its method, weights, size, class name and bank were chosen when it was made).
+FIXED_BY_EXPORT = ("method", "weights", "size", "class_name", "bank", "act", "batch_size", "devices", "distributed")
+
+
 def cmd_detect(args) -> int:
+    if args.exported:
+        return cmd_detect_exported(args)
     say = speaker(args.no_progress)
     # Everything is checked before the weights load: the bank, the folder, --out, the options.
     record = read_bank_args(args)
@@ -49,20 +59,52 @@ def cmd_detect(args) -> int:
                              thresholds=thresholds, pixel_threshold=args.pixel_threshold)
         if is_random:
             print(RANDOM_BANNER.format(spec=weights), file=sys.stderr)
-        out = plan.out
-        decided = ""
-        if "decision" in record_:
-            decided = f"; decisions at threshold {record_['decision']['threshold']:.6f}"
-        masks = ""
-        if "pixel_threshold" in record_:
-            masks = f", defect masks (map > {record_['pixel_threshold']['threshold']:.6f}) in {out / 'masks'}"
-        print(f"wrote {out / 'scores.csv'} ({record_['num_scored']} of {record_['num_images']} images scored"
-              f"{decided}), overlays in {out / 'overlays'}{masks} and {out / 'run.json'}")
-        if record_["errors"]:
-            print(f"fiseclip-jax detect: {len(record_['errors'])} image(s) could not be read and have no score "
-                  f"(the error column of {out / 'scores.csv'} says why)", file=sys.stderr)
-            return 1
-        return 0
+        return _report(record_, plan.out)
+
+    return run_interruptible(work, lambda: f"fiseclip-jax detect: interrupted after {status.done} of {status.total} "
+                             f"images; rerun with --resume to finish", WRITE_LOCK)
+
+
+def _report(record_: dict, out) -> int:
+    decided = ""
+    if "decision" in record_:
+        decided = f"; decisions at threshold {record_['decision']['threshold']:.6f}"
+    masks = ""
+    if "pixel_threshold" in record_:
+        masks = f", defect masks (map > {record_['pixel_threshold']['threshold']:.6f}) in {out / 'masks'}"
+    print(f"wrote {out / 'scores.csv'} ({record_['num_scored']} of {record_['num_images']} images scored"
+          f"{decided}), overlays in {out / 'overlays'}{masks} and {out / 'run.json'}")
+    if record_["errors"]:
+        print(f"fiseclip-jax detect: {len(record_['errors'])} image(s) could not be read and have no score "
+              f"(the error column of {out / 'scores.csv'} says why)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_detect_exported(args) -> int:
+    say = speaker(args.no_progress)
+    given = [f"--{name.replace('_', '-')}" for name in FIXED_BY_EXPORT if getattr(args, name, None)]
+    if given:
+        raise FiseclipError(f"{', '.join(given)}: the export {args.exported} fixes method, weights, size, class "
+                            "name and bank; drop the option(s) or export again")
+    record = read_export_json(args.exported)  # before any image is read
+    thresholds = read_thresholds(args.thresholds, args.threshold_rule) if args.thresholds else None
+    plan = plan_detect(args.dir, args.out, class_name=record["class_name"], overwrite=args.overwrite,
+                       resume=args.resume, strict=args.strict)
+    plan.class_name_source = "the export"
+    say(f"{len(plan.category)} images in {plan.folder}; class name {plan.class_name!r} (from the export)")
+    status = Status(total=len(plan.category))
+
+    def work() -> int:
+        say(f"loading the exported program {args.exported}")
+        exported = load_exported(args.exported)
+        if exported.record["random_weights"]:
+            print(RANDOM_BANNER.format(spec=exported.record["weights"]), file=sys.stderr)
+        record_ = run_detect(None, None, plan.folder, None, out=plan.out, encode_batch=8,
+                             progress=not args.no_progress, seed=args.seed, plan=plan, status=status, say=say,
+                             threshold=args.threshold, fpr=args.fpr, exported=exported, thresholds=thresholds,
+                             pixel_threshold=args.pixel_threshold)
+        return _report(record_, plan.out)
 
     return run_interruptible(work, lambda: f"fiseclip-jax detect: interrupted after {status.done} of {status.total} "
                              f"images; rerun with --resume to finish", WRITE_LOCK)
@@ -76,6 +118,9 @@ def add_parser(sub) -> None:
     add_method_args(d, weights_required=False)
     d.add_argument("--bank", default=None,
                    help="a reference bank (`bank build`): each image is scored against it alone and gets a decision")
+    d.add_argument("--exported", default=None, metavar="EXPORT_DIR",
+                   help="score with an exported program (`fiseclip-jax export`): method, weights, size, class "
+                        "name and bank are the export's")
     add_decision_args(d)
     d.add_argument("--thresholds", default=None, metavar="THRESHOLDS_JSON",
                    help="a category's thresholds.json from `evaluate` (same method and size): its image threshold "
