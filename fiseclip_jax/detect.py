@@ -240,7 +240,10 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
         if 0 in skip_groups:
             return
         feats, good, errors, shape = [], [], {}, None
-        for b, (lo, hi) in enumerate(_batches(n, encode_batch)):
+        # As many encode batches as encode_batch asks for, evened out (10 images, encode_batch 8: two of 5,
+        # not 8 and 2 padded to 8), so no forward pass is spent on padding. With a mesh, the global batch.
+        width = encode_batch if mesh is not None else -(-n // -(-n // encode_batch))
+        for b, (lo, hi) in enumerate(_batches(n, width)):
             key = f"{b:06d}"
             stored = feature_store.get(key) if feature_store is not None else None
             if stored is not None:
@@ -253,7 +256,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                         raise FiseclipError(f"{method.label} scores the whole category at once, but the images of "
                                             f"{class_name!r} give model inputs of different shapes")
                     shape = xs[0].shape
-                    out = encode(params, cfg, jnp.asarray(_pad(np.stack(xs), encode_batch)), method)
+                    out = encode(params, cfg, jnp.asarray(_pad(np.stack(xs), width)), method)
                     f = jax.tree.map(lambda a: np.asarray(a)[: len(idx)], out)
                 if feature_store is not None:
                     feature_store[key] = {"features": f, "indices": idx, "errors": err}
