@@ -19,6 +19,7 @@ from .clip.config import CLIPConfig
 from .data import load_image
 from .errors import FewImagesWarning, FiseclipError
 from .distributed import pad_batch, replicate, shard_batch, sharded_encode_features
+from .features import FeatureCache, image_hash
 from .methods import Detection, Method, as_text
 from .prompts import text_features_full
 
@@ -177,9 +178,56 @@ def _restore_state(stored, like):
     return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
 
 
+def _cached_group(params, cfg, items, lo, hi, method, size, resample, skip_errors, fcache: FeatureCache,
+                  context: dict, width: int):
+    """Images lo..hi-1 through the feature cache: ([(shape, {name: [..]})] per readable image, good indices,
+    {index: error}). Hits are read back; misses are loaded, encoded (runs of one shape padded to `width`,
+    one compilation) and stored."""
+    entries, good, errors, misses = {}, [], {}, []
+    for i in range(lo, hi):
+        digest = image_hash(items[i])
+        hit = fcache.get(context, digest)
+        if hit is not None:
+            entries[i] = (hit[1], hit[0])
+            good.append(i)
+            continue
+        try:
+            misses.append((i, digest, _load(items[i], method, size, resample)))
+            good.append(i)
+        except FiseclipError as err:
+            if not skip_errors:
+                raise
+            errors[i] = str(err)
+    for start, run in _runs([x for _, _, x in misses]):
+        out = _encode_jit(params, cfg, jnp.asarray(_pad(run, max(width, len(run)))), method)
+        out = jax.tree.map(np.asarray, out)
+        for j in range(len(run)):
+            i, digest, x = misses[start + j]
+            feats = {k: v[j] for k, v in out.items()}
+            fcache.put(context, digest, feats, x.shape)
+            entries[i] = (x.shape, feats)
+    return [entries[i] for i in good], np.array(good, int), errors
+
+
+def _stack_runs(entries):
+    """[(shape, feats)] -> [(offset, shape, {name: [k, ..]})]: consecutive images of one input shape."""
+    out, start = [], 0
+    for i in range(1, len(entries) + 1):
+        if i == len(entries) or entries[i][0] != entries[start][0]:
+            block = entries[start:i]
+            out.append((start, block[0][0], {k: np.stack([f[k] for _, f in block]) for k in block[0][1]}))
+            start = i
+    return out
+
+
+def _pad_tree(feats, b):
+    return {k: _pad(v, b) for k, v in feats.items()}
+
+
 def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *, size: int,
                 encode_batch: int = 8, resample: str = "bicubic", text=None, progress: bool | Callable = True,
-                mesh=None, skip_groups=(), feature_store=None, skip_errors: bool = False) -> Iterator[GroupResult]:
+                mesh=None, skip_groups=(), feature_store=None, skip_errors: bool = False,
+                feature_cache: FeatureCache | None = None) -> Iterator[GroupResult]:
     """`detect_category` one scored group at a time (what a caller writes as it goes).
 
     Groups are `category_groups(method, len(images), encode_batch)`, scored in file order; a method's
@@ -189,8 +237,12 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
     features of a whole-category method per encode batch, so a resumed run does not encode again.
     Images are decoded one group at a time, so memory does not grow with the number of images.
     skip_errors=True: an unreadable image is left out of its batch (reported in `errors`).
+    feature_cache: a `FeatureCache` (`--cache DIR`): each image's features are read from it when stored
+    (no forward pass, no decoding) and stored after encoding; scoring then runs on the features.
     """
     n = len(images)
+    if feature_cache is not None and mesh is not None:
+        raise FiseclipError("a feature cache (--cache) runs on one device: drop --devices or --cache")
     if n == 0:
         raise FiseclipError(f"no images for category {class_name!r}")
     if text is not None:
@@ -205,6 +257,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
     if mesh is not None:  # once, on every device of the mesh
         params, text, state = replicate((params, text, state), mesh)
     encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
+    context = None if feature_cache is None else feature_cache.context(params, cfg, method, size, resample)
     bar = _progress(progress, n, class_name)
     skip_groups = set(skip_groups)
     try:
@@ -218,8 +271,21 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                         state = state if state is None else _restore_state(stored, state)
                         bar.update(hi - lo)
                         continue
-                xs, good, errors = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 scores, maps, refs = [], [], []
+                if feature_cache is not None:  # encoding split from scoring: features from the cache
+                    entries, good, errors = _cached_group(params, cfg, images, lo, hi, method, size, resample,
+                                                          skip_errors, feature_cache, context, width)
+                    for _, shape, feats in _stack_runs(entries):
+                        k = len(feats[next(iter(feats))])
+                        out = _score_jit(_pad_tree(feats, width), text, jnp.asarray(np.arange(width) < k), method,
+                                         map_size(shape), None, state)
+                        det, state = out if state is not None else (out, None)
+                        scores.append(np.asarray(det.image_scores)[:k])
+                        maps.append(np.asarray(det.anomaly_maps)[:k])
+                        refs.append(np.asarray(det.num_refs)[:k])
+                    xs = []
+                else:
+                    xs, good, errors = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 for _, run in _runs(xs):
                     k = len(run)
                     det, state = detect(params, cfg, _pad(run, width), text, method, np.arange(width) < k,
@@ -242,6 +308,17 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             stored = feature_store.get(key) if feature_store is not None else None
             if stored is not None:
                 f, idx, err = stored["features"], stored["indices"], stored["errors"]
+            elif feature_cache is not None:
+                entries, idx, err = _cached_group(params, cfg, images, lo, hi, method, size, resample, skip_errors,
+                                                  feature_cache, context, encode_batch)
+                runs = _stack_runs(entries)
+                if len(runs) > 1 or (runs and shape is not None and runs[0][1] != shape):
+                    raise FiseclipError(f"{method.label} scores the whole category at once, but the images of "
+                                        f"{class_name!r} give model inputs of different shapes")
+                f = runs[0][2] if runs else {}
+                shape = runs[0][1] if runs else shape
+                if feature_store is not None:
+                    feature_store[key] = {"features": f, "indices": idx, "errors": err}
             else:
                 xs, idx, err = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 f = {}
@@ -276,7 +353,8 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
 
 def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *,
                     size: int, encode_batch: int = 8, resample: str = "bicubic", text=None,
-                    progress: bool | Callable = True, mesh=None) -> CategoryResult:
+                    progress: bool | Callable = True, mesh=None,
+                    feature_cache: FeatureCache | None = None) -> CategoryResult:
     """Run a whole category: images are paths, PIL images or uint8 HWC arrays, in file order.
 
     Each image becomes a model input through `method.prepare(image, size, resample)` (S×S for
@@ -288,12 +366,14 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     masked, so one compilation serves every batch. With a `mesh` (`distributed.make_mesh`,
     one process), each batch is split over its devices (parameters replicated) and matching
     runs as `ring_mutual_scores`; `encode_batch` is then the global batch. Images are decoded
-    one batch at a time; `iter_detect` gives the same results one group at a time.
+    one batch at a time; `iter_detect` gives the same results one group at a time. With a
+    `feature_cache` (`features.FeatureCache`) stored features replace the forward pass.
     """
     if len(images) < method.min_images:
         warnings.warn(FewImagesWarning(few_images_message(method, len(images), class_name)), stacklevel=2)
     parts = list(iter_detect(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
-                             resample=resample, text=text, progress=progress, mesh=mesh))
+                             resample=resample, text=text, progress=progress, mesh=mesh,
+                             feature_cache=feature_cache))
     blocks = [b for p in parts for b in ([m[None] for m in p.anomaly_maps] if isinstance(p.anomaly_maps, list)
                                           else [np.asarray(p.anomaly_maps)])]
     maps = _join_maps(blocks)

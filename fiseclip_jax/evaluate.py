@@ -211,17 +211,20 @@ def _progress_factory(enabled: bool, label: str):
 
 def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", mask_rule="resize>0.5",
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
-                      image_ap="average_precision", class_names="clean") -> tuple[dict, np.ndarray, list, list]:
+                      image_ap="average_precision", class_names="clean",
+                      feature_cache=None) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
-    Image metrics need every label; pixel metrics also need the dataset's masks."""
+    Image metrics need every label; pixel metrics also need the dataset's masks. A `feature_cache`
+    (`features.FeatureCache`) replaces the forward pass of images it holds."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \
         text_features_full(params, cfg, name, method.prompts, verbatim=class_names != "clean")
     result = detect_category(params, cfg, [s.path for s in cat.samples], name, method, size=size,
-                             encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh)
+                             encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh,
+                             feature_cache=feature_cache)
     scores = np.asarray(result.image_scores, np.float64)
     maps = result.anomaly_maps
     t1 = time.perf_counter()
@@ -259,22 +262,9 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
     return record, scores, maps, masks
 
 
-def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: int | None, out, masks=None,
-             resume: bool = False, aupro: str = "exact", mask_rule: str = "resize>0.5",
-             overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
-             seed: int = 0, encode_batch: int = 8, resample: str = "bicubic", metric_resolution: str = "input",
-             image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None) -> dict:
-    """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
-    {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
-
-    dataset: "mvtec" | "visa" | "folder" (then `root` is the folder, `masks` its masks folder);
-    size: input side S (None: the weights' native size); resample: "bicubic" | "bilinear" (the
-    preprocessing resize); aupro: "exact" | "legacy" (SPEC §6); mask_rule: "resize>0.5" | "strict" |
-    "resize>0" (SPEC §5, §8); metric_resolution: "input" | "original" (SPEC §5); image_ap:
-    "average_precision" | "pr_auc" (AnoVL's auc(recall, precision)); class_names: "clean" | "anovl"
-    (the name in the prompts); protocol: the name of the preset these settings came from
-    (`protocols.get`), recorded only. Outputs as in the module docstring.
-    """
+def check_settings(cfg, dataset, root, categories, masks, *, size, aupro, mask_rule, metric_resolution, image_ap,
+                   class_names) -> tuple[str, int, list[Category]]:
+    """Every evaluation option and every file checked before any compute: (mask rule, size, categories)."""
     if aupro not in AUPRO_VARIANTS:
         raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
     if mask_rule not in MASK_RULES:
@@ -285,14 +275,38 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
         raise FiseclipError(f"image_ap must be one of {IMAGE_AP}, got {image_ap!r}")
     if class_names not in CLASS_NAMES:
         raise FiseclipError(f"class_names must be one of {CLASS_NAMES}, got {class_names!r}")
-    mask_rule = MASK_RULES[mask_rule]
     size = size or cfg.vision.image_size
     if size % cfg.vision.patch_size:
         raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
-    root = Path(root)
-    cats = list_categories(dataset, root, categories, masks)
+    cats = list_categories(dataset, Path(root), categories, masks)
     for cat in cats:  # every file checked before hours of compute; errors name the files
         validate_category(cat)
+    return MASK_RULES[mask_rule], size, cats
+
+
+def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: int | None, out, masks=None,
+             resume: bool = False, aupro: str = "exact", mask_rule: str = "resize>0.5",
+             overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
+             seed: int = 0, encode_batch: int = 8, resample: str = "bicubic", metric_resolution: str = "input",
+             image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None,
+             feature_cache=None) -> dict:
+    """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
+    {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
+
+    dataset: "mvtec" | "visa" | "folder" (then `root` is the folder, `masks` its masks folder);
+    size: input side S (None: the weights' native size); resample: "bicubic" | "bilinear" (the
+    preprocessing resize); aupro: "exact" | "legacy" (SPEC §6); mask_rule: "resize>0.5" | "strict" |
+    "resize>0" (SPEC §5, §8); metric_resolution: "input" | "original" (SPEC §5); image_ap:
+    "average_precision" | "pr_auc" (AnoVL's auc(recall, precision)); class_names: "clean" | "anovl"
+    (the name in the prompts); protocol: the name of the preset these settings came from
+    (`protocols.get`), recorded only; feature_cache: a `features.FeatureCache` (`--cache DIR`) that
+    stores each image's encoded features, so a later run with other scoring options skips the forward
+    pass. Outputs as in the module docstring.
+    """
+    mask_rule, size, cats = check_settings(cfg, dataset, root, categories, masks, size=size, aupro=aupro,
+                                           mask_rule=mask_rule, metric_resolution=metric_resolution,
+                                           image_ap=image_ap, class_names=class_names)
+    root = Path(root)
 
     base = Path(out) / method.label / dataset
     settings = dict(resample=resample, metric_resolution=metric_resolution, image_ap=image_ap,
@@ -331,7 +345,7 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
             continue
         record, scores, maps, gt = evaluate_category(
             params, cfg, cat, method, size=size, aupro=aupro, mask_rule=mask_rule, encode_batch=encode_batch,
-            progress=_progress_factory(progress, label), mesh=mesh, **settings)
+            progress=_progress_factory(progress, label), mesh=mesh, feature_cache=feature_cache, **settings)
         record["run_config"] = current
         t0 = time.perf_counter()
         _write_category(base / cat.name, cat, root, scores, maps, gt, record, overlays_per_category)

@@ -223,10 +223,12 @@ def input_notices(paths, size: int) -> tuple[list[str], dict[int, str]]:
 def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, encode_batch=8, progress=True,
                random_weights=False, weights="", seed=0, mesh=None, overwrite=False, resume=False, strict=False,
                plan: DetectPlan | None = None, status: Status | None = None,
-               say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01) -> dict:
+               say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01,
+               feature_cache=None) -> dict:
     """Score every image of `folder` into `out`; returns the run record (also written as run.json),
     with "errors": {file: message} of images that could not be read. With a reference `bank` (method,
-    size and class name are the bank's) images are scored against it and get a decision."""
+    size and class name are the bank's) images are scored against it and get a decision. A `feature_cache`
+    (`features.FeatureCache`, `--cache DIR`) replaces the forward pass of the images it holds."""
     plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
                                strict=strict)
     status = status or Status()
@@ -280,7 +282,8 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     if bank is None:
         results = iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
                               text=text, progress=progress, mesh=mesh, skip_groups=done,
-                              feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
+                              feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict,
+                              feature_cache=feature_cache)
     else:
         results = iter_detect_bank(params, cfg, bank, paths, encode_batch=encode_batch, text=text, progress=progress,
                                    skip_groups=done, skip_errors=not plan.strict)

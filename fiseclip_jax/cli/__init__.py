@@ -5,6 +5,8 @@
                         --weights DIR|HUB_ID|random:PRESET [--size S] [--batch-size B] --out OUT
     fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH ... (see `evaluate --help`)
+    fiseclip-jax sweep --dataset ... --root PATH --method M --grid KEY=V1,V2 ... --out OUT [--cache DIR]
+    fiseclip-jax methods [NAME]           every field --set KEY=VALUE / --config FILE.toml can change
     fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
                             [--capacity K] [--mode exact|coreset] --out BANK
     fiseclip-jax watch DIR --bank BANK --out OUT [--update none|gated] [--poll SECONDS]
@@ -17,10 +19,10 @@ import sys
 import traceback
 
 from ..errors import FiseclipError
-from . import bank, convert, detect, evaluate, watch
+from . import bank, convert, detect, evaluate, methods, sweep, watch
 from .common import configure_caches
 
-COMMANDS = (convert, detect, evaluate, bank, watch)
+COMMANDS = (convert, detect, evaluate, sweep, methods, bank, watch)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
 USER_ERRORS = (FiseclipError, OSError)
 

@@ -1,4 +1,5 @@
-"""`fiseclip-jax detect DIR --method M --weights W [--size S] ... --out OUT`: a folder in, scores and maps out.
+"""`fiseclip-jax detect DIR --method M --weights W [--size S] [--set KEY=VALUE ...] [--config FILE] [--cache DIR]
+... --out OUT`: a folder in, scores and maps out.
 
 `fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]`: each image scored against a
 reference bank (method, weights and size come from the bank), with a decision column."""
@@ -10,8 +11,8 @@ import sys
 from ..detect import few_images_message
 from ..errors import FiseclipError
 from ..runner import WRITE_LOCK, Status, plan_detect, run_detect
-from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, make_run_mesh,
-                     method_from_args, read_bank_args, run_interruptible, speaker)
+from .common import (RANDOM_BANNER, add_decision_args, add_method_args, add_override_args, feature_cache_from_args,
+                     load_with_bank, make_run_mesh, method_from_args, read_bank_args, run_interruptible, speaker)
 
 
 def cmd_detect(args) -> int:
@@ -20,13 +21,19 @@ def cmd_detect(args) -> int:
     record = read_bank_args(args)
     if record is not None and (args.devices or args.distributed):
         raise FiseclipError("--bank scores each image on its own against the bank: --devices is not supported")
+    if record is not None and (args.set or args.config or args.cache):
+        raise FiseclipError("--bank: the method and its options are the bank's; --set, --config and --cache "
+                            "do not apply")
+    if args.cache and (args.devices or args.distributed):
+        raise FiseclipError("--cache runs on one device: drop --devices or --cache")
+    method = method_from_args(args)  # bad --set / --config fail before anything is read
+    feature_cache = feature_cache_from_args(args)
     plan = plan_detect(args.dir, args.out, class_name=args.class_name, overwrite=args.overwrite,
                        resume=args.resume, strict=args.strict)
     if record is not None:
         plan.class_name, plan.class_name_source = record["class_name"], "the bank"
     say(f"{len(plan.category)} images in {plan.folder}; class name {plan.class_name!r} "
         f"(from {plan.class_name_source})")
-    method = method_from_args(args)
     if record is None and len(plan.category) < method.min_images:
         raise FiseclipError(few_images_message(method, len(plan.category), plan.class_name))
     mesh = make_run_mesh(args) if record is None else None
@@ -38,7 +45,8 @@ def cmd_detect(args) -> int:
         record_ = run_detect(params, cfg, plan.folder, method, out=plan.out, size=args.size,
                              encode_batch=args.batch_size or 8, progress=not args.no_progress,
                              random_weights=is_random, weights=weights, seed=args.seed, mesh=mesh, plan=plan,
-                             status=status, say=say, bank=bank, threshold=args.threshold, fpr=args.fpr)
+                             status=status, say=say, bank=bank, threshold=args.threshold, fpr=args.fpr,
+                             feature_cache=feature_cache)
         if is_random:
             print(RANDOM_BANNER.format(spec=weights), file=sys.stderr)
         out = plan.out
@@ -63,6 +71,7 @@ def add_parser(sub) -> None:
     d.add_argument("--class-name", default=None,
                    help="product name for the prompts (default: from the folder path; MVTec bottle/test -> bottle)")
     add_method_args(d, weights_required=False)
+    add_override_args(d)
     d.add_argument("--bank", default=None,
                    help="a reference bank (`bank build`): each image is scored against it alone and gets a decision")
     add_decision_args(d)

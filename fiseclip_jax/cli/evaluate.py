@@ -5,7 +5,7 @@
                           [--protocol musc-paper|anoclip-paper] [--aupro exact|legacy]
                           [--mask-rule resize|strict|nonzero] [--metric-resolution input|original]
                           [--image-ap average_precision|pr_auc] [--resample bicubic|bilinear]
-                          [--resume] --out OUT
+                          [--set KEY=VALUE ...] [--config FILE] [--cache DIR] [--resume] --out OUT
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .. import protocols
 from ..evaluate import evaluate, list_categories
-from .common import RANDOM_BANNER, add_method_args, load_weights, make_run_mesh, method_from_args
+from .common import (RANDOM_BANNER, add_method_args, add_override_args, feature_cache_from_args, load_weights,
+                     make_run_mesh, method_from_args)
 
 _MASK_RULES = {"resize": "resize>0.5", "strict": "strict", "nonzero": "resize>0"}
 
@@ -33,9 +34,10 @@ def run_settings(args, protocol) -> dict:
 def cmd_evaluate(args) -> int:
     list_categories(args.dataset, args.root, args.category, args.masks)  # bad paths fail before loading weights
     protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
+    method = method_from_args(args, protocol)  # bad --set / --config fail before the weights load
+    feature_cache = feature_cache_from_args(args)
     mesh = make_run_mesh(args)
     params, cfg, is_random = load_weights(args.weights, args.seed, dtype=args.dtype)
-    method = method_from_args(args, protocol)
     if protocol is not None and cfg.name != protocol.weights:
         print(f"fiseclip-jax evaluate: warning: protocol {protocol.name} is defined for {protocol.weights} "
               f"weights; these are {cfg.name}", file=sys.stderr)
@@ -43,7 +45,7 @@ def cmd_evaluate(args) -> int:
     evaluate(params, cfg, args.dataset, args.root, method, categories=args.category, out=args.out, masks=args.masks,
              resume=args.resume, overlays_per_category=args.overlays, progress=not args.no_progress,
              weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh,
-             **{"size": None, **settings})
+             feature_cache=feature_cache, **{"size": None, **settings})
     base = Path(args.out) / method.label / args.dataset
     print((base / "results.md").read_text(), end="")
     print(f"\nwrote {base}/results.md, results.csv, results.json, run.json and one folder per category")
@@ -52,17 +54,8 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser("evaluate", help="metrics of a method on MVTec AD, VisA or a labelled folder "
-                       "(anomalib-style tables; resumable)")
-    e.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True)
-    e.add_argument("--root", required=True,
-                   help="dataset root (MVTec: folder of categories; VisA: folder with split_csv/; "
-                        "folder: the images, sub-folders good/ and <defect>/ give labels)")
-    e.add_argument("--category", nargs="+", action="extend", default=None,
-                   help="categories to run (default: all found); for a folder: its name in the prompts")
-    e.add_argument("--masks", default=None, help="folder dataset only: ground-truth masks folder")
-    add_method_args(e)
+def add_evaluation_args(e) -> None:
+    """How a run is scored (`evaluate`, `sweep`): --protocol and the metric variants."""
     e.add_argument("--protocol", choices=protocols.names(), default=None,
                    help="a published protocol (README: reproducing the papers): sets the method options, "
                         "size, resize filter, mask rule, AUPRO and image-AP variants for --dataset; "
@@ -78,6 +71,21 @@ def add_parser(sub) -> None:
                    help="image_AP as average precision (default) or AnoVL's auc(recall, precision)")
     e.add_argument("--resample", choices=("bicubic", "bilinear"), default=None,
                    help="preprocessing resize filter (default bicubic; AnoVL: bilinear)")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="metrics of a method on MVTec AD, VisA or a labelled folder "
+                       "(anomalib-style tables; resumable)")
+    e.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True)
+    e.add_argument("--root", required=True,
+                   help="dataset root (MVTec: folder of categories; VisA: folder with split_csv/; "
+                        "folder: the images, sub-folders good/ and <defect>/ give labels)")
+    e.add_argument("--category", nargs="+", action="extend", default=None,
+                   help="categories to run (default: all found); for a folder: its name in the prompts")
+    e.add_argument("--masks", default=None, help="folder dataset only: ground-truth masks folder")
+    add_method_args(e)
+    add_override_args(e)
+    add_evaluation_args(e)
     e.add_argument("--overlays", type=int, default=4, help="overlay pictures per category (default 4)")
     e.add_argument("--resume", action="store_true",
                    help="skip categories already finished in OUT with the same configuration")

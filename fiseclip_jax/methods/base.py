@@ -158,6 +158,12 @@ class Method:
         return {**dataclasses.asdict(self), "method": self.label}
 
 
+def option(default, meaning: str, choices: tuple = ()):
+    """A config field with its one-line meaning and, for a closed set, its allowed values: the one place
+    `fiseclip-jax methods` reads them from and `overrides.apply_overrides` checks values against."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "choices": tuple(choices)})
+
+
 def replace_path(config, path: str, value):
     """`dataclasses.replace` along a dotted path ("tta.seed"); a None intermediate leaves config unchanged."""
     head, _, rest = path.partition(".")
