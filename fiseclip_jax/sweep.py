@@ -123,9 +123,9 @@ def write_ablation(out: Path, keys: list[str], rows: list[dict], sort: str) -> l
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(head)
     for r in rows:
-        pct = r["mean"]["percent"]
-        w.writerow([r["values"][k] for k in keys] + [_fmt(pct.get(m), 3) for m in names]
-                   + [f"{r['seconds']:.2f}", r["row"]])
+        frac = r["mean"]["metrics"]
+        w.writerow([r["values"][k] for k in keys] + [_fmt(None if frac.get(m) is None else 100 * frac[m], 3)
+                                                     for m in names] + [f"{r['seconds']:.2f}", r["row"]])
     atomic_write_text(out / "ablation.csv", buf.getvalue())
     first = rows[0]["run_config"] if rows else {}
     lines = [f"# {first.get('method', '')} sweep on {first.get('dataset', '')}", ""]
