@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .bank import Bank, detect_with_bank
+from .cache import key_digest
 from .clip.config import CLIPConfig
 from .data import load_image
 from .errors import FewImagesWarning, FiseclipError
@@ -180,15 +182,15 @@ def _restore_state(stored, like):
 
 def _cached_group(params, cfg, items, lo, hi, method, size, resample, skip_errors, fcache: FeatureCache,
                   context: dict, width: int):
-    """Images lo..hi-1 through the feature cache: ([(shape, {name: [..]})] per readable image, good indices,
-    {index: error}). Hits are read back; misses are loaded, encoded (runs of one shape padded to `width`,
-    one compilation) and stored."""
+    """Images lo..hi-1 through the feature cache: ([(shape, {name: [..]}, content hash)] per readable image,
+    good indices, {index: error}). Hits are read back; misses are loaded, encoded (runs of one shape padded
+    to `width`, one compilation) and stored."""
     entries, good, errors, misses = {}, [], {}, []
     for i in range(lo, hi):
         digest = image_hash(items[i])
         hit = fcache.get(context, digest)
         if hit is not None:
-            entries[i] = (hit[1], hit[0])
+            entries[i] = (hit[1], hit[0], digest)
             good.append(i)
             continue
         try:
@@ -205,19 +207,47 @@ def _cached_group(params, cfg, items, lo, hi, method, size, resample, skip_error
             i, digest, x = misses[start + j]
             feats = {k: v[j] for k, v in out.items()}
             fcache.put(context, digest, feats, x.shape)
-            entries[i] = (x.shape, feats)
+            entries[i] = (x.shape, feats, digest)
     return [entries[i] for i in good], np.array(good, int), errors
 
 
 def _stack_runs(entries):
-    """[(shape, feats)] -> [(offset, shape, {name: [k, ..]})]: consecutive images of one input shape."""
+    """[(shape, feats, hash)] -> [(hashes, shape, {name: [k, ..]})]: consecutive images of one input shape."""
     out, start = [], 0
     for i in range(1, len(entries) + 1):
         if i == len(entries) or entries[i][0] != entries[start][0]:
             block = entries[start:i]
-            out.append((start, block[0][0], {k: np.stack([f[k] for _, f in block]) for k in block[0][1]}))
+            out.append(([h for _, _, h in block], block[0][0],
+                        {k: np.stack([f[k] for _, f, _ in block]) for k in block[0][1]}))
             start = i
     return out
+
+
+def _text_digest(text) -> str:
+    return key_digest({"text": [hashlib.sha256(np.asarray(x).tobytes()).hexdigest() for x in jax.tree.leaves(text)]})
+
+
+def _score_cached(feats, text, valid, method, size, state, fcache: FeatureCache, key: dict | None):
+    """`score_features` on features from the cache; a method that splits its scoring (`stage_fields`) has its
+    first stage read from / kept in the cache's memory under `key` + those fields (None: not kept)."""
+    if state is not None or not method.stage_fields or key is None:
+        return _score_jit(feats, text, valid, method, size, None, state)
+    key = {**key, "stage": {f: getattr(method, f) for f in method.stage_fields}}
+    stage = fcache.stage_get(key)
+    if stage is None:
+        stage = _stage_jit(feats, text, valid, method)
+        fcache.stage_put(key, stage)
+    return _from_stage_jit(feats, stage, text, valid, method, size)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _stage_jit(feats, text, valid, method):
+    return method.score_stage(feats, text, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "size"))
+def _from_stage_jit(feats, stage, text, valid, method, size):
+    return method.score_from_stage(feats, stage, text, valid, size=size)
 
 
 def _pad_tree(feats, b):
@@ -258,6 +288,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
         params, text, state = replicate((params, text, state), mesh)
     encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
     context = None if feature_cache is None else feature_cache.context(params, cfg, method, size, resample)
+    text_digest = None if feature_cache is None else _text_digest(text)
     bar = _progress(progress, n, class_name)
     skip_groups = set(skip_groups)
     try:
@@ -275,10 +306,12 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                 if feature_cache is not None:  # encoding split from scoring: features from the cache
                     entries, good, errors = _cached_group(params, cfg, images, lo, hi, method, size, resample,
                                                           skip_errors, feature_cache, context, width)
-                    for _, shape, feats in _stack_runs(entries):
+                    for hashes, shape, feats in _stack_runs(entries):
                         k = len(feats[next(iter(feats))])
-                        out = _score_jit(_pad_tree(feats, width), text, jnp.asarray(np.arange(width) < k), method,
-                                         map_size(shape), None, state)
+                        key = None if None in hashes else {**context, "images": hashes, "width": width,
+                                                            "text": text_digest}
+                        out = _score_cached(_pad_tree(feats, width), text, jnp.asarray(np.arange(width) < k),
+                                            method, map_size(shape), state, feature_cache, key)
                         det, state = out if state is not None else (out, None)
                         scores.append(np.asarray(det.image_scores)[:k])
                         maps.append(np.asarray(det.anomaly_maps)[:k])
@@ -302,12 +335,13 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             return
         if 0 in skip_groups:
             return
-        feats, good, errors, shape = [], [], {}, None
+        feats, good, errors, shape, hashes = [], [], {}, None, []
         for b, (lo, hi) in enumerate(_batches(n, encode_batch)):
             key = f"{b:06d}"
             stored = feature_store.get(key) if feature_store is not None else None
             if stored is not None:
                 f, idx, err = stored["features"], stored["indices"], stored["errors"]
+                hashes.append(None)  # features of a resumed run: no stage kept
             elif feature_cache is not None:
                 entries, idx, err = _cached_group(params, cfg, images, lo, hi, method, size, resample, skip_errors,
                                                   feature_cache, context, encode_batch)
@@ -317,6 +351,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                                         f"{class_name!r} give model inputs of different shapes")
                 f = runs[0][2] if runs else {}
                 shape = runs[0][1] if runs else shape
+                hashes.extend(runs[0][0] if runs else [])
                 if feature_store is not None:
                     feature_store[key] = {"features": f, "indices": idx, "errors": err}
             else:
@@ -344,7 +379,11 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
         bar.set_postfix_str("matching")
         all_feats = jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a)), *feats)
         map_hw = map_size(shape) if shape is not None else size
-        det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, map_hw, mesh)
+        if feature_cache is not None:
+            key = None if None in hashes else {**context, "images": hashes, "text": text_digest}
+            det = _score_cached(all_feats, text, jnp.ones(len(good), bool), method, map_hw, None, feature_cache, key)
+        else:
+            det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, map_hw, mesh)
         yield GroupResult(0, good, np.asarray(det.image_scores), np.asarray(det.anomaly_maps),
                           np.asarray(det.num_refs), errors)
     finally:

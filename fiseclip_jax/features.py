@@ -11,6 +11,11 @@ with (dtype and activation included), the method's class and `encoding_fields`, 
 the resize filter and the sha256 of the image's content (file bytes, or the array's). Entries are
 written atomically and read back only when their stored key matches, so a corrupt, truncated or
 foreign file is recomputed, never trusted (`cache.load_arrays`).
+
+It also keeps, in memory only, the first scoring stage of methods that split their scoring
+(`Method.stage_fields`, e.g. FiSeCLIP's and MuSc's matching) per group of images, keyed by the
+images, the text and those fields: a sweep over the later fields (fusion, σ, image-score rule,
+RsCIN k) then skips the matching too. `max_stages` bounds how many are kept (oldest dropped).
 """
 
 from __future__ import annotations
@@ -37,10 +42,24 @@ class FeatureCache:
     hits: int = 0
     misses: int = 0
     writes: int = 0
+    stage_hits: int = 0
+    max_stages: int = 4096
 
     def __post_init__(self):
         self.folder = Path(self.folder)
         self._weights: tuple[Any, str] | None = None
+        self._stages: dict[str, dict] = {}
+
+    def stage_get(self, key: dict) -> dict | None:
+        """A first scoring stage kept for `key` (in memory), or None."""
+        stage = self._stages.get(cache.key_digest(key))
+        self.stage_hits += stage is not None
+        return stage
+
+    def stage_put(self, key: dict, stage: dict) -> None:
+        if len(self._stages) >= self.max_stages:
+            self._stages.pop(next(iter(self._stages)))
+        self._stages[cache.key_digest(key)] = stage
 
     def context(self, params, cfg, method, size, resample: str = "bicubic") -> dict:
         """The part of every key that one run shares (weights, CLIP config, encoding options, size)."""

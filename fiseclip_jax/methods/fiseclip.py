@@ -88,14 +88,28 @@ class FiSeCLIPConfig(Method):
             allowed = rank < keep
         return allowed & valid[:, None]
 
+    # Scoring in two stages (base.py): text map, reference filter and matching (steps 2-4, the costly part)
+    # depend only on these fields; fusion, maps and image scores (steps 5-7) are cheap.
+    stage_fields = ("prompts", "tau", "text_filter", "theta", "rho", "r_list", "alpha", "chunk_size")
+
     def score(self, feats, text, valid, *, size, mesh=None):
         """SPEC §4.3 steps 2–7."""
+        return self.score_from_stage(feats, self.score_stage(feats, text, valid, mesh=mesh), text, valid, size=size)
+
+    def score_stage(self, feats, text, valid, *, mesh=None):
+        """Steps 2–4: {"a_txt" [B, P], "a_match" [B, P], "num_refs" [B]}."""
         chex.assert_rank([feats["local"], feats["cls"]], [3, 2])
         text = as_text(text).features
         a_txt = text_alignment(feats["local"], text, self.tau)  # step 2
         allowed = self.reference_filter(a_txt, valid)  # step 3
         a_match, num_refs = matching_scores(feats["tokens"], valid, allowed, self.r_list, self.alpha,
                                             self.chunk_size, mesh)  # step 4
+        return {"a_txt": a_txt, "a_match": a_match, "num_refs": num_refs}
+
+    def score_from_stage(self, feats, stage, text, valid, *, size):
+        """Steps 5–7."""
+        text = as_text(text).features
+        a_txt, a_match, num_refs = stage["a_txt"], stage["a_match"], stage["num_refs"]
         if self.fusion_norm == "minmax":  # step 5: matching filters the text
             # images without any reference (score 0) must not set the batch minimum
             a_match = minmax_normalise(a_match, valid=valid & (num_refs > 0))

@@ -50,16 +50,25 @@ class MuScConfig(Method):
         cfg = self.clip_config(cfg)
         return encode_matching(params, cfg, pixels, match_layers(cfg, self.layers))
 
+    stage_fields = ("r_list", "alpha", "chunk_size")  # the matching (base.py: scoring in two stages)
+
     def score(self, feats, text, valid, *, size, mesh=None):
         """Mutual scores, bilinear map (align_corners=True, no blur by default: SPEC §4.2), max then RsCIN."""
+        return self.score_from_stage(feats, self.score_stage(feats, text, valid, mesh=mesh), text, valid, size=size)
+
+    def score_stage(self, feats, text, valid, *, mesh=None):
+        """The mutual scores: {"patch" [B, P], "num_refs" [B]}."""
         chex.assert_rank(feats["cls"], 2)
         patch, num_refs = matching_scores(feats["tokens"], valid, None, self.r_list, self.alpha,
                                           self.chunk_size, mesh)
-        up = upsample_bilinear(grid_maps(patch), size, self.align_corners)
+        return {"patch": patch, "num_refs": num_refs}
+
+    def score_from_stage(self, feats, stage, text, valid, *, size):
+        up = upsample_bilinear(grid_maps(stage["patch"]), size, self.align_corners)
         raw = jnp.max(up, axis=(1, 2))
         scores = rscin(raw, feats["cls"], self.k_list, valid=valid)  # not a probability: may leave [0, 1]
         maps = gaussian_blur(up, self.sigma)
-        return Detection(scores, maps * valid[:, None, None], num_refs)
+        return Detection(scores, maps * valid[:, None, None], stage["num_refs"])
 
     # -- reference bank (online inspection, fiseclip_jax.bank): maps equal batch scoring of bank ∪ {x};
     # RsCIN re-scores x among the bank's leave-one-out scores and CLS embeddings.
