@@ -119,6 +119,34 @@ def test_cache_key_follows_encoding_fields_only(tmp_path, tiny, counted):
     assert (fc.misses, fc.hits) == (12, 3)
 
 
+@pytest.mark.slow  # ten detect runs, each compiling
+def test_first_scoring_stage_is_reused_across_later_fields(tmp_path, tiny, monkeypatch):
+    """FiSeCLIP and MuSc split their scoring (`stage_fields`): configurations that differ only in later
+    fields reuse the matching, and score exactly as a plain run does."""
+    params, cfg = tiny
+    folder, _ = make_folder(tmp_path / "data", n_good=3, n_bad=2)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    stages = []
+    stage_jit = D._stage_jit
+    monkeypatch.setattr(D, "_stage_jit", lambda *a, **k: stages.append(a[3]) or stage_jit(*a, **k))
+    fc = FeatureCache(tmp_path / "cache")
+    configs = [methods.get("fiseclip", batch_size=3, theta=1.1, **kw)
+               for kw in ({}, {"fusion_weight": 0.9, "sigma": 1.0}, {"image_score": "max", "fusion_norm": "fixed"})]
+    configs += [methods.get("musc", **kw) for kw in ({}, {"k_list": (1, 2), "sigma": 2.0})]
+    for method in configs:
+        plain = detect_category(params, cfg, paths, "widget", method, size=SIZE, encode_batch=3, progress=False)
+        cached = detect_category(params, cfg, paths, "widget", method, size=SIZE, encode_batch=3, progress=False,
+                                 feature_cache=fc)
+        np.testing.assert_allclose(cached.image_scores, plain.image_scores, atol=1e-6)
+        np.testing.assert_allclose(cached.anomaly_maps, plain.anomaly_maps, atol=1e-5)
+    # FiSeCLIP: 2 groups (3 + 2 images) matched once for its three configurations; MuSc: the category once
+    assert [m.name for m in stages] == ["fiseclip", "fiseclip", "musc"]
+    assert fc.stage_hits == 2 * 2 + 1
+    detect_category(params, cfg, paths, "widget", methods.get("fiseclip", batch_size=3, theta=0.2), size=SIZE,
+                    encode_batch=3, progress=False, feature_cache=fc)  # a stage field: matched again
+    assert len(stages) == 5
+
+
 # ------------------------------------------------------------------ sweep
 GRID = ["local=qq,vv", "theta=0.7,1.1"]  # theta 1.1: every patch may serve as a reference
 
