@@ -34,7 +34,8 @@ _FALSE = ("false", "0", "no", "off")
 @dataclasses.dataclass(frozen=True)
 class FieldInfo:
     """One settable field: dotted `key`, its `type` in words, `default` in --set syntax, `meaning`,
-    allowed `choices` (empty: any value of the type), `encoding` (whether it changes `encode`)."""
+    allowed `choices` (empty: any value of the type), `encoding` (whether it changes `encode`), `stage`
+    (whether it changes the first scoring stage, `Method.stage_fields`)."""
 
     key: str
     type: str
@@ -42,6 +43,7 @@ class FieldInfo:
     meaning: str
     choices: tuple
     encoding: bool
+    stage: bool = False
 
 
 def _hints(cls) -> dict:
@@ -95,6 +97,7 @@ def fields(config) -> list[FieldInfo]:
     cls = config if isinstance(config, type) else type(config)
     instance = None if isinstance(config, type) else config
     encoding = set(getattr(cls, "encoding_fields", ()))
+    stage = set(getattr(cls, "stage_fields", ()))
     hints = _hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -103,11 +106,12 @@ def fields(config) -> list[FieldInfo]:
             f.default if f.default is not dataclasses.MISSING else f.default_factory())
         meta = f.metadata or {}
         out.append(FieldInfo(f.name, type_text(tp), format_value(default), meta.get("meaning", ""),
-                             tuple(meta.get("choices", ())), f.name in encoding))
+                             tuple(meta.get("choices", ())), f.name in encoding, f.name in stage))
         inner, _ = _optional(tp)
         if _is_config(inner):
             sub = default if default is not None else inner
-            out += [dataclasses.replace(i, key=f"{f.name}.{i.key}", encoding=f.name in encoding) for i in fields(sub)]
+            out += [dataclasses.replace(i, key=f"{f.name}.{i.key}", encoding=f.name in encoding, stage=f.name in stage)
+                    for i in fields(sub)]
     return out
 
 
@@ -117,7 +121,7 @@ def valid_keys(config) -> list[str]:
 
 def describe(name: str | None = None) -> str:
     """The `fiseclip-jax methods [NAME]` text: per method, each field's key, type, default and meaning;
-    [enc] marks fields that change the encoding (a sweep over the others encodes once)."""
+    [enc] marks fields that change the encoding, [stage] those that change the first scoring stage."""
     blocks = []
     for n in ([name] if name else methods.names()):
         method = methods.get(n)
@@ -130,11 +134,13 @@ def describe(name: str | None = None) -> str:
         lines = [f"{n}: {doc}"]
         for r in rows:
             allowed = f" [{', '.join(format_value(c) for c in r.choices)}]" if r.choices else ""
-            enc = " [enc]" if r.encoding else ""
+            enc = " [enc]" if r.encoding else " [stage]" if r.stage else ""
             lines.append(f"  {r.key:<{wk}}  {r.type:<{wt}}  {r.default:<{wd}}  {r.meaning}{allowed}{enc}")
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n\n[enc]: changes the encoding (the forward pass); the other fields only change " \
-                                 "the scoring. Set any field with --set KEY=VALUE or a --config TOML [method] table.\n"
+    return "\n\n".join(blocks) + (
+        "\n\n[enc]: changes the encoding (the forward pass); [stage]: changes the first, costly scoring stage "
+        "(matching); the other fields only change the rest of the scoring: a sweep over them encodes and matches "
+        "once (with a feature cache). Set any field with --set KEY=VALUE or a --config TOML [method] table.\n")
 
 
 # ------------------------------------------------------------------ parsing

@@ -150,7 +150,8 @@ def test_methods_command_lists_every_field(capsys):
     assert lines["alpha"].split()[1:3] == ["float", "0.3"]
     assert lines["layers"].split()[1:6] == ["tuple[int,", "...]", "|", "none", "none"]
     assert lines["local"].rstrip().endswith("[qq, qq+kk, vv, identity] [enc]")
-    assert "[enc]" not in lines["theta"]
+    assert lines["theta"].rstrip().endswith("[stage]")  # changes the matching, not the encoding
+    assert not lines["fusion_weight"].rstrip().endswith("]")  # only the cheap rest of the scoring
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(f"{n}: " in out for n in methods.names())
