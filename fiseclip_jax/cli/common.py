@@ -87,7 +87,7 @@ def add_override_args(p: argparse.ArgumentParser, cache_help: str = "") -> None:
     """--set / --config (every field of the method config) and --cache DIR (per-image encoded features)."""
     p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any field of the method config (repeatable): alpha=0.2, layers=6,12,18,24, tta.steps=10, "
-                        "sigma=none; `fiseclip-jax methods` lists the keys; wins over --config")
+                        "layers=none; `fiseclip-jax methods` lists the keys; wins over --config")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="method fields from a TOML file's [method] table (its `method` key names the method), or "
                         "the method config recorded in a previous run.json (reruns it exactly)")
