@@ -35,7 +35,8 @@ def cmd_sweep(args) -> int:
                  weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, say=say,
                  **{"size": None, **run_settings(args, protocol)})
     print((Path(args.out) / "ablation.md").read_text(), end="")
-    print(f"\nwrote {args.out}/ablation.md, ablation.csv, run.json and rows/<row>/run.json "
+    out = Path(args.out)
+    print(f"\nwrote {out / 'ablation.md'}, ablation.csv, run.json and rows/<row>/run.json "
           f"({len(rows)} of {len(points)} configurations)")
     if is_random:
         print(RANDOM_BANNER.format(spec=args.weights), file=sys.stderr)
