@@ -124,7 +124,7 @@ def main(argv=None):
         config = registry.get(method)
         t0 = time.perf_counter()
         results = evaluate(params, cfg, "mvtec", args.root, config, categories=[args.category], size=args.size,
-                           out=out, weights=args.weights, progress=False)
+                           out=out, weights=args.weights, progress=False, overwrite=True)
         total = time.perf_counter() - t0
         base = out / results["method"] / "mvtec"
         timing = json.loads((base / "run.json").read_text())["timing_s"][args.category]

@@ -69,6 +69,7 @@ def child(args) -> None:
     import jax
 
     from fiseclip_jax import cli, prompts, runner
+    from fiseclip_jax.cli.common import method_from_args
     from fiseclip_jax.clip.checkpoint import resolve_weights
     t_import = time.perf_counter() - t0
 
@@ -82,25 +83,29 @@ def child(args) -> None:
         return embed(params, cfg, sentences)
 
     prompts._embed_sentences = counting_embed
-    spent = {"load": 0.0, "detect": 0.0}
+    spent = {"detect": 0.0}
 
-    def timed(name, fn):
+    def timed_iter(fn):  # the run's detection (image reading included): a generator, timed per step
         def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                spent[name] += time.perf_counter() - t
+            it = fn(*a, **kw)
+            while True:
+                t = time.perf_counter()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    spent["detect"] += time.perf_counter() - t
+                yield item
         return wrapper
 
-    runner.load_image = timed("load", runner.load_image)
-    runner.detect_category = timed("detect", runner.detect_category)
+    runner.iter_detect = timed_iter(runner.iter_detect)
 
     ns = cli.build_parser().parse_args(
         ["detect", args.folder, "--method", args.method, "--weights", args.weights, "--out", args.out,
          "--no-progress"] + (["--no-cache"] if args.no_cache else []))
     cli.configure_caches(ns)
-    config = cli.method_config(ns.method, ns.batch_size, ns.act, ns.seed)
+    config = method_from_args(ns)
 
     t = time.perf_counter()
     params, cfg, is_random = resolve_weights(ns.weights, seed=ns.seed)
@@ -108,7 +113,7 @@ def child(args) -> None:
     t_weights = time.perf_counter() - t
 
     x0, c0, t = clock.total(COMPILE_EVENTS[2:]), clock.total(), time.perf_counter()
-    class_name = Path(ns.dir).resolve().name
+    class_name = runner.infer_class_name(Path(ns.dir))[0]
     jax.block_until_ready(prompts.text_features_full(params, cfg, class_name, config.prompts))
     t_prompts, c_prompts = time.perf_counter() - t, clock.total() - c0
 
@@ -116,9 +121,9 @@ def child(args) -> None:
     runner.run_detect(params, cfg, ns.dir, config, out=ns.out, encode_batch=ns.batch_size or 8, progress=False,
                       random_weights=is_random, weights=ns.weights, seed=ns.seed)
     t_run, c_run = time.perf_counter() - t, clock.total() - c0
-    images = spent["load"] + spent["detect"] - c_run
+    images = spent["detect"] - c_run
     print(json.dumps({"import": t_import, "weights": t_weights, "prompts": t_prompts - c_prompts,
-                      "compile": c_prompts + c_run, "images": images, "writing": t_run - spent["load"] - spent["detect"],
+                      "compile": c_prompts + c_run, "images": images, "writing": t_run - spent["detect"],
                       "xla": clock.total(COMPILE_EVENTS[2:]) - x0, "encoded": sum(encoded)}))
 
 

@@ -17,6 +17,7 @@ from .methods import AnoCLIPConfig, Detection, FiSeCLIPConfig, Method, MuScConfi
 from .methods.tta import adapt
 from .distributed import make_mesh, ring_mutual_scores, sharded_encode_features
 from .bank import Bank, bank_threshold, build_bank, detect_with_bank, gate, load_bank, save_bank, update_bank
+from .export import ExportedDetector, export_detector, load_exported
 from . import evaluate  # the module: evaluate.evaluate(...), evaluate.evaluate_category(...)
 from . import protocols  # published protocols as data: protocols.get("musc-paper", dataset="visa")
 from .matching import MutualScores, mutual_scores
@@ -35,4 +36,5 @@ __all__ = [
     "evaluate", "protocols", "MutualScores", "mutual_scores", "TTAConfig", "adapt", "methods", "Method",
     "default_match_layers",
     "Bank", "bank_threshold", "build_bank", "detect_with_bank", "gate", "load_bank", "save_bank", "update_bank",
+    "ExportedDetector", "export_detector", "load_exported",
 ]

@@ -24,9 +24,9 @@ from .bank import Bank, bank_from_features, bank_threshold, check_method, encode
 from .clip.preprocess import preprocess
 from .data import Category, infer_class_name, list_folder, load_image
 from .errors import FiseclipError
-from .outputs import atomic_write_text
+from .outputs import WRITE_LOCK, Status, atomic_write_text, check_out
 from .prompts import text_features_full
-from .runner import WRITE_LOCK, DiskStore, ResumeError, Status, check_out
+from .runner import DiskStore, ResumeError
 
 
 @dataclasses.dataclass

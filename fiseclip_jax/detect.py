@@ -93,6 +93,9 @@ class CategoryResult:
     image_scores: np.ndarray  # [N]
     anomaly_maps: np.ndarray  # [N, H, W]; a list of [H_i, W_i] when the images' model inputs differ in shape
     num_refs: np.ndarray  # [N]
+    # skip_errors=True: {index into the input list: why} of the images that could not be read; the arrays
+    # above then hold the other images, in input order.
+    errors: dict = dataclasses.field(default_factory=dict)
 
 
 class GroupResult(NamedTuple):
@@ -392,7 +395,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
 
 def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *,
                     size: int, encode_batch: int = 8, resample: str = "bicubic", text=None,
-                    progress: bool | Callable = True, mesh=None,
+                    progress: bool | Callable = True, mesh=None, skip_errors: bool = False,
                     feature_cache: FeatureCache | None = None) -> CategoryResult:
     """Run a whole category: images are paths, PIL images or uint8 HWC arrays, in file order.
 
@@ -405,19 +408,22 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     masked, so one compilation serves every batch. With a `mesh` (`distributed.make_mesh`,
     one process), each batch is split over its devices (parameters replicated) and matching
     runs as `ring_mutual_scores`; `encode_batch` is then the global batch. Images are decoded
-    one batch at a time; `iter_detect` gives the same results one group at a time. With a
-    `feature_cache` (`features.FeatureCache`) stored features replace the forward pass.
+    one batch at a time; `iter_detect` gives the same results one group at a time.
+    skip_errors=True: an unreadable image is left out (its index and error in `errors`) instead of
+    raising.
+    With a `feature_cache` (`features.FeatureCache`) stored features replace the forward pass.
     """
     if len(images) < method.min_images:
         warnings.warn(FewImagesWarning(few_images_message(method, len(images), class_name)), stacklevel=2)
     parts = list(iter_detect(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
-                             resample=resample, text=text, progress=progress, mesh=mesh,
+                             resample=resample, text=text, progress=progress, mesh=mesh, skip_errors=skip_errors,
                              feature_cache=feature_cache))
     blocks = [b for p in parts for b in ([m[None] for m in p.anomaly_maps] if isinstance(p.anomaly_maps, list)
                                           else [np.asarray(p.anomaly_maps)])]
     maps = _join_maps(blocks)
     result = CategoryResult(np.concatenate([p.image_scores for p in parts]), maps,
-                            np.concatenate([p.num_refs for p in parts]))
+                            np.concatenate([p.num_refs for p in parts]),
+                            {i: msg for p in parts for i, msg in p.errors.items()})
     if (result.num_refs == 0).any():
         warnings.warn(FewImagesWarning(f"{int((result.num_refs == 0).sum())} image(s) of {class_name!r} had no "
                                        f"reference image to match against: {method.no_reference}"), stacklevel=2)

@@ -9,6 +9,14 @@ Layout under OUT/<method>/<dataset>/ (method: fiseclip | musc | anoclip | anocli
   <category>/scores.csv       file (relative to the dataset root), label, score
   <category>/overlays/*.png   image | heat map | ground-truth mask, for the highest- and
                               lowest-scoring defects and normals
+  <category>/thresholds.json  decision thresholds (`detect --thresholds`): F1-optimal image and pixel
+                              thresholds, and those flagging at most a share `fpr` of good images
+                              (normal pixels); a score above a threshold is anomalous (curves.py)
+  <category>/report_data.json pixel ROC / PR / PRO curves (thinned for plotting) and the gallery list
+  <category>/gallery/*.png    worst cases first (highest-scored good, lowest-scored defective):
+                              image | ground-truth mask | anomaly-map overlay
+  report.html                 one self-contained page of all of it (html_report.py); rebuilt from
+                              these files by `fiseclip-jax report`
 Metrics (SPEC §5) are computed at metric_resolution="input" (default): the anomaly map's own
 size (S x S; 240 x W' for tiled wide images), ground-truth masks resized to it and binarised at
 > 0.5 (mask_rule "strict": only fully white pixels count, MuSc on MVTec; "resize>0": every
@@ -16,14 +24,20 @@ nonzero pixel, MuSc on VisA); or at "original": every map resized bilinearly (ha
 centres, align_corners=False) to its image's stored size and compared with the mask as stored.
 
 Each category is written to a temporary folder and renamed into place when it finishes, and
-the tables are rebuilt after every category, so a killed run loses at most the category in
-progress. With resume=True, categories whose metrics.json exists are skipped, provided they
-were computed with the same configuration; otherwise `ResumeError` is raised.
+the tables and run.json are rebuilt after every category (under `outputs.WRITE_LOCK`), so a
+killed run loses at most the category in progress and run.json always lists exactly the
+categories of results.*. OUT/<method>/<dataset> must be empty unless overwrite=True (it is
+cleared first) or resume=True: categories whose metrics.json exists are then skipped, provided
+they were computed with the same configuration; otherwise `ResumeError` is raised.
+
+An image that cannot be read is left out of its category's metrics (strict=True: the run stops
+instead); metrics.json lists it under "unreadable" and results.json counts it (n_unreadable).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -37,12 +51,14 @@ from .data import Category, list_folder, list_mvtec, list_visa, load_image, load
 from .data.images import image_size
 from .detect import detect_category
 from .errors import FiseclipError
+from .curves import f1_threshold, fpr_threshold, pixel_analysis
+from .html_report import write_report
 from .metrics import IMAGE_AP, image_metrics, pixel_metrics
-from .overlay import side_by_side
+from .overlay import side_by_side, triptych
 from .postprocess import upsample_bilinear
 from .prompts import text_features_full
 from .report import clean, percents, write_tables
-from .outputs import atomic_write_text, library_versions, overlay_name
+from .outputs import WRITE_LOCK, Status, atomic_write_text, check_out, library_versions, overlay_name
 
 DATASETS = ("mvtec", "visa", "folder")
 MASK_RULES = {"resize>0.5": "resize>0.5", "resize": "resize>0.5", "strict": "strict", "resize>0": "resize>0",
@@ -57,6 +73,39 @@ CLASS_NAMES = ("clean", "anovl")
 
 class ResumeError(FiseclipError):
     """--resume found results made with a different configuration."""
+
+
+@dataclasses.dataclass
+class EvalPlan:
+    """What an evaluate run reads and writes, checked before any weights load (`plan_evaluate`)."""
+
+    base: Path  # OUT/<method>/<dataset>
+    categories: list  # [Category], unreadable images left out
+    unreadable: dict  # {category name: {path: why}}
+    resume: bool
+    strict: bool
+
+
+def plan_evaluate(dataset: str, root, method, *, out, categories=None, masks=None, overwrite: bool = False,
+                  resume: bool = False, strict: bool = False) -> EvalPlan:
+    """Check the dataset (every image and mask header; unreadable images are left out unless strict) and
+    the output folder before any computing; `overwrite` clears OUT/<method>/<dataset>."""
+    cats = list_categories(dataset, root, categories, masks)
+    base = Path(out) / method.label / dataset
+    check_out(base, root, overwrite=overwrite, resume=resume)
+    kept, unreadable = [], {}
+    for cat in cats:  # every file checked before hours of compute; errors name the files
+        bad = validate_category(cat, skip_unreadable=not strict)
+        if bad:
+            unreadable[cat.name] = bad
+            cat = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in bad))
+            if not cat.samples:
+                raise FiseclipError(f"{dataset} category {cat.name!r}: none of its images can be read "
+                                    f"(first: {next(iter(bad.values()))})")
+        kept.append(cat)
+    if overwrite and base.exists():
+        shutil.rmtree(base)
+    return EvalPlan(base, kept, unreadable, resume, strict)
 
 
 def list_categories(dataset: str, root, categories=None, masks=None) -> list[Category]:
@@ -82,7 +131,7 @@ def _jsonable(obj):
 
 def run_config(cfg, method, *, dataset, root, masks, size, aupro, mask_rule, weights, seed,
                encode_batch, resample="bicubic", metric_resolution="input", image_ap="average_precision",
-               class_names="clean", protocol=None) -> dict:
+               class_names="clean", protocol=None, fpr=0.01) -> dict:
     """Everything a result depends on; resume compares it key by key (JSON-normalised)."""
     return _jsonable({
         "method": method.label, "method_config": method.record(), "clip": cfg.to_dict(),
@@ -91,7 +140,7 @@ def run_config(cfg, method, *, dataset, root, masks, size, aupro, mask_rule, wei
         "masks": None if masks is None else str(Path(masks).resolve()),
         "protocol": protocol, "size": size, "resample": resample, "class_names": class_names,
         "encode_batch": encode_batch, "mask_rule": mask_rule, "aupro": aupro, "image_ap": image_ap,
-        "metric_resolution": metric_resolution,
+        "metric_resolution": metric_resolution, "fpr": fpr,
     })
 
 
@@ -175,8 +224,35 @@ def pick_overlays(labels, scores, k: int) -> list[tuple[int, str]]:
     return picks
 
 
+def pick_gallery(labels, scores, k: int) -> list[tuple[int, str]]:
+    """Worst cases first: up to k good images by descending score, then up to k defective ones by
+    ascending score, as (index, "normal" | "defect")."""
+    normal = sorted((i for i, l in enumerate(labels) if l == 0), key=lambda i: (-scores[i], i))[:k]
+    defect = sorted((i for i, l in enumerate(labels) if l == 1), key=lambda i: (scores[i], i))[:k]
+    return [(i, "normal") for i in normal] + [(i, "defect") for i in defect]
+
+
+def category_thresholds(labels, scores, maps, masks, *, fpr: float = 0.01) -> tuple[dict, dict | None]:
+    """(thresholds, pixel curves | None) of one category (curves.py): image thresholds need labels of both
+    kinds (the FPR one only good images), pixel ones masks with defect and normal pixels."""
+    image, pixel, curves = None, None, None
+    if all(l is not None for l in labels):
+        y = np.asarray(labels, np.int64)
+        image = {}
+        if 0 < y.sum() < y.size:
+            image["f1"] = f1_threshold(y, scores)
+        if (y == 0).any():
+            image["at_fpr"] = fpr_threshold(np.asarray(scores)[y == 0], fpr)
+    if masks is not None and any(np.any(m) for m in masks) and not all(np.all(m) for m in masks):
+        curves = pixel_analysis(masks, maps, fpr=fpr)
+        pixel = {"f1": curves.pop("f1"), "at_fpr": curves.pop("at_fpr")}
+    return {"rule": "a score above the threshold is anomalous", "fpr": fpr, "image": image or None,
+            "pixel": pixel}, curves
+
+
 def _write_category(final: Path, cat: Category, root: Path, scores, maps, masks, record: dict,
-                    overlays: int) -> None:
+                    overlays: int, thresholds: dict | None = None, curves: dict | None = None,
+                    gallery: int = 4) -> None:
     """Everything of one category into a temporary folder, then renamed into place."""
     for stale in final.parent.glob(f".{final.name}.*-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -194,6 +270,18 @@ def _write_category(final: Path, cat: Category, root: Path, scores, maps, masks,
         name = f"{tag}__{overlay_name(os.path.relpath(cat.samples[i].path, common))}"
         side_by_side(load_image(cat.samples[i].path), maps[i], vmin=vmin, vmax=vmax,
                      mask=None if masks is None else masks[i]).save(tmp / "overlays" / name)
+    shown = []
+    if gallery:
+        (tmp / "gallery").mkdir()
+    for rank, (i, kind) in enumerate(pick_gallery(cat.labels, scores, gallery)):
+        name = f"{rank:02d}_{kind}__{overlay_name(os.path.relpath(cat.samples[i].path, common))}"
+        triptych(load_image(cat.samples[i].path), None if masks is None else masks[i], maps[i],
+                 vmin=vmin, vmax=vmax).save(tmp / "gallery" / name)
+        shown.append({"png": f"gallery/{name}", "file": rels[i], "label": cat.samples[i].label,
+                      "score": float(scores[i])})
+    (tmp / "report_data.json").write_text(json.dumps({"pixel_curves": curves, "gallery": shown}) + "\n")
+    if thresholds is not None:
+        (tmp / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     record["overlay_scale"] = [vmin, vmax]
     (tmp / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")  # last: marks completion
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -212,19 +300,23 @@ def _progress_factory(enabled: bool, label: str):
 def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", mask_rule="resize>0.5",
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
                       image_ap="average_precision", class_names="clean",
-                      feature_cache=None) -> tuple[dict, np.ndarray, list, list]:
+                      skip_errors: bool = False, feature_cache=None) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
-    Image metrics need every label; pixel metrics also need the dataset's masks. A `feature_cache`
-    (`features.FeatureCache`) replaces the forward pass of images it holds."""
+    Image metrics need every label; pixel metrics also need the dataset's masks. skip_errors=True: an
+    image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others. A
+    `feature_cache` (`features.FeatureCache`) replaces the forward pass of images it holds."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \
         text_features_full(params, cfg, name, method.prompts, verbatim=class_names != "clean")
     result = detect_category(params, cfg, [s.path for s in cat.samples], name, method, size=size,
                              encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh,
-                             feature_cache=feature_cache)
+                             skip_errors=skip_errors, feature_cache=feature_cache)
+    unreadable = {cat.samples[i].path: why for i, why in sorted(result.errors.items())}
+    if unreadable:
+        cat = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
     scores = np.asarray(result.image_scores, np.float64)
     maps = result.anomaly_maps
     t1 = time.perf_counter()
@@ -254,6 +346,7 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
         "metrics": metrics, "percent": percents(metrics),
         "metric_resolution": metric_resolution, "metric_sizes": sizes,
         "timing_s": {"detect": t1 - t0, "masks": t2 - t1, "metrics": t3 - t2},
+        "n_unreadable": len(unreadable), "unreadable": unreadable,
     }
     if not labelled:
         record["note"] = "unlabelled images: scores only, no metrics"
@@ -262,9 +355,8 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
     return record, scores, maps, masks
 
 
-def check_settings(cfg, dataset, root, categories, masks, *, size, aupro, mask_rule, metric_resolution, image_ap,
-                   class_names) -> tuple[str, int, list[Category]]:
-    """Every evaluation option and every file checked before any compute: (mask rule, size, categories)."""
+def check_settings(cfg, *, size, aupro, mask_rule, metric_resolution, image_ap, class_names) -> tuple[str, int]:
+    """Every evaluation option checked before any compute (`evaluate`, `sweep`): (mask rule, input size)."""
     if aupro not in AUPRO_VARIANTS:
         raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
     if mask_rule not in MASK_RULES:
@@ -278,10 +370,7 @@ def check_settings(cfg, dataset, root, categories, masks, *, size, aupro, mask_r
     size = size or cfg.vision.image_size
     if size % cfg.vision.patch_size:
         raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
-    cats = list_categories(dataset, Path(root), categories, masks)
-    for cat in cats:  # every file checked before hours of compute; errors name the files
-        validate_category(cat)
-    return MASK_RULES[mask_rule], size, cats
+    return MASK_RULES[mask_rule], size
 
 
 def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: int | None, out, masks=None,
@@ -289,7 +378,9 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
              overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
              seed: int = 0, encode_batch: int = 8, resample: str = "bicubic", metric_resolution: str = "input",
              image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None,
-             feature_cache=None) -> dict:
+             overwrite: bool = False, strict: bool = False, plan: EvalPlan | None = None,
+             status: Status | None = None, say=lambda msg: None, fpr: float = 0.01, gallery: int = 4,
+             html: bool = True, feature_cache=None) -> dict:
     """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
     {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
 
@@ -299,21 +390,31 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     "resize>0" (SPEC §5, §8); metric_resolution: "input" | "original" (SPEC §5); image_ap:
     "average_precision" | "pr_auc" (AnoVL's auc(recall, precision)); class_names: "clean" | "anovl"
     (the name in the prompts); protocol: the name of the preset these settings came from
-    (`protocols.get`), recorded only; feature_cache: a `features.FeatureCache` (`--cache DIR`) that
-    stores each image's encoded features, so a later run with other scoring options skips the forward
-    pass. Outputs as in the module docstring.
+    (`protocols.get`), recorded only. overwrite / resume: what to do with earlier results in
+    OUT/<method>/<dataset> (neither: it must be empty); strict: stop at the first unreadable image
+    instead of leaving it out. `plan` (from `plan_evaluate`, which the CLI calls before loading
+    weights) replaces categories/masks/overwrite/resume/strict; `status` counts finished categories
+    (what an interrupt reports); `say` gets phase messages; fpr: the target false-positive rate of
+    thresholds.json; gallery: worst cases per kind shown in report.html (html=False: no report.html);
+    feature_cache: a `features.FeatureCache` (`--cache DIR`) that stores each image's encoded features,
+    so a later run with other scoring options skips the forward pass. Outputs as in the module docstring.
     """
-    mask_rule, size, cats = check_settings(cfg, dataset, root, categories, masks, size=size, aupro=aupro,
-                                           mask_rule=mask_rule, metric_resolution=metric_resolution,
-                                           image_ap=image_ap, class_names=class_names)
+    if not 0.0 <= fpr <= 1.0:
+        raise FiseclipError(f"--fpr must be between 0 and 1, got {fpr}")
+    mask_rule, size = check_settings(cfg, size=size, aupro=aupro, mask_rule=mask_rule,
+                                     metric_resolution=metric_resolution, image_ap=image_ap, class_names=class_names)
     root = Path(root)
-
-    base = Path(out) / method.label / dataset
+    if plan is None:
+        plan = plan_evaluate(dataset, root, method, out=out, categories=categories, masks=masks,
+                             overwrite=overwrite, resume=resume, strict=strict)
+    cats, base, resume = plan.categories, plan.base, plan.resume
+    status = status if status is not None else Status()
+    status.total = len(cats)
     settings = dict(resample=resample, metric_resolution=metric_resolution, image_ap=image_ap,
                     class_names=class_names)
     current = run_config(cfg, method, dataset=dataset, root=root, masks=masks, size=size, aupro=aupro,
                          mask_rule=mask_rule, weights=weights, seed=seed, encode_batch=encode_batch,
-                         protocol=protocol, **settings)
+                         protocol=protocol, fpr=fpr, **settings)
     done_before = set()
     if resume:  # check everything before computing anything
         prev = _read_json(base / "run.json")
@@ -326,38 +427,70 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     base.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in cats]
     run = {"command": "evaluate", "run_config": current, "categories": names, "versions": library_versions(),
-           "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if current["random_weights"]:
         run["warning"] = "random weights: every metric is meaningless"
-    atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
     header = {"method": method.label, "dataset": dataset, "protocol": protocol, "size": size,
               "resample": resample, "mask_rule": mask_rule, "aupro": aupro, "image_ap": image_ap,
               "metric_resolution": metric_resolution, "weights": weights,
               "random_weights": current["random_weights"]}
-
     t_start, done, timings = time.perf_counter(), [], {}
+
+    def write_state(final: bool) -> dict:
+        """results.* and run.json together, listing the same finished categories."""
+        results = write_tables(base, done, header)  # a killed run keeps a table of what finished
+        run.update(status="complete" if final else "incomplete", finished=list(done),
+                   elapsed_s=time.perf_counter() - t_start, timing_s=timings, resumed=sorted(done_before))
+        if not final:
+            run["resume"] = "rerun the same command with --resume to finish the other categories"
+        else:
+            run.pop("resume", None)
+        atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
+        return results
+
+    with WRITE_LOCK:
+        write_state(final=False)
     for k, cat in enumerate(cats, 1):
         label = f"[{k}/{len(cats)}] {dataset}/{cat.name}"
         if cat.name in done_before:
             done.append(cat.name)
-            if progress:
-                print(f"{label}: done before, skipped (--resume)", file=sys.stderr)
+            status.done += 1
+            say(f"{label}: done before, skipped (--resume)")
             continue
+        say(f"{label}: {len(cat)} images" + (" (the first batch compiles)" if k == 1 else ""))
         record, scores, maps, gt = evaluate_category(
             params, cfg, cat, method, size=size, aupro=aupro, mask_rule=mask_rule, encode_batch=encode_batch,
-            progress=_progress_factory(progress, label), mesh=mesh, feature_cache=feature_cache, **settings)
-        record["run_config"] = current
+            progress=_progress_factory(progress, label), mesh=mesh, skip_errors=not plan.strict,
+            feature_cache=feature_cache, **settings)
+        unreadable = {**plan.unreadable.get(cat.name, {}), **record["unreadable"]}
+        scored = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
+        record.update(n_unreadable=len(unreadable), run_config=current,
+                      unreadable={os.path.relpath(p, root): why for p, why in unreadable.items()})
+        if unreadable:
+            print(f"fiseclip-jax evaluate: warning: {len(unreadable)} image(s) of {cat.name} could not be read and "
+                  f"are left out of its metrics (listed in {base / cat.name / 'metrics.json'})", file=sys.stderr)
+        say(f"{label}: writing scores and overlays")
         t0 = time.perf_counter()
-        _write_category(base / cat.name, cat, root, scores, maps, gt, record, overlays_per_category)
-        timings[cat.name] = {**record["timing_s"], "write": time.perf_counter() - t0}
-        done.append(cat.name)
-        write_tables(base, done, header)  # a killed run keeps a table of what finished
+        thresholds, curves = category_thresholds(scored.labels, scores, maps, gt, fpr=fpr)
+        thresholds = {"category": cat.name, "method": method.label, "weights": weights, "size": size,
+                      "class_name": record["class_name"], "random_weights": current["random_weights"],
+                      **thresholds}
+        record["timing_s"]["thresholds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with WRITE_LOCK:
+            _write_category(base / cat.name, scored, root, scores, maps, gt, record, overlays_per_category,
+                            thresholds, curves, gallery)
+            timings[cat.name] = {**record["timing_s"], "write": time.perf_counter() - t0}
+            done.append(cat.name)
+            status.done += 1
+            write_state(final=False)
         if progress:
             summary = ", ".join(f"{m} {v if v is not None else 'n/a'}" for m, v in record["percent"].items())
             print(f"{label}: {summary or 'scores only'}", file=sys.stderr)
 
-    results = write_tables(base, done, header)
-    run.update(status="complete", elapsed_s=time.perf_counter() - t_start, timing_s=timings,
-               resumed=sorted(done_before))
-    atomic_write_text(base / "run.json", json.dumps(run, indent=2) + "\n")
+    with WRITE_LOCK:
+        results = write_state(final=True)
+    if html:  # last: built only from the files above (`fiseclip-jax report` rebuilds it the same way)
+        say(f"writing {base / 'report.html'}")
+        write_report(base)
     return results

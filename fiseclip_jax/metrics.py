@@ -118,6 +118,7 @@ class _Ranking:
         self.tp = np.cumsum(self.pos_count)
         self.fp_ge = self.n_neg - np.searchsorted(neg_sorted, self.pos_values, side="left").astype(np.int64)
         self.fp_gt = self.n_neg - np.searchsorted(neg_sorted, self.pos_values, side="right").astype(np.int64)
+        self.neg_sorted = neg_sorted
 
     @classmethod
     def from_arrays(cls, y: np.ndarray, s: np.ndarray) -> "_Ranking":
@@ -159,10 +160,29 @@ class _Ranking:
     def f1_max(self) -> float:
         if self.n_pos == 0:
             return _undefined("F1-max", "no positive samples")
+        return self.f1_cut()[1]
+
+    # Curves (curves.py) from the same counts as the areas above: one code path.
+    def roc_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR), every vertex of the ROC polyline whose trapezoid area is `auroc()`: at each positive
+        value b, the point just above b, then the point at b (a diagonal over tied scores)."""
+        prev_tp = np.r_[0, self.tp[:-1]]
+        fpr = np.r_[0.0, np.stack([self.fp_gt, self.fp_ge], 1).ravel() / self.n_neg, 1.0]
+        tpr = np.r_[0.0, np.stack([prev_tp, self.tp], 1).ravel() / self.n_pos, 1.0]
+        return fpr, tpr
+
+    def pr_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(recall, precision, score) at each positive value, descending score: `average_precision()` is
+        the area under the step curve that holds precision[k] over (recall[k-1], recall[k]]."""
+        return self.tp / self.n_pos, self.tp / (self.tp + self.fp_ge), self.pos_values
+
+    def f1_cut(self) -> tuple[int, float]:
+        """(k, F1-max): flagging every score >= pos_values[k] gives the first maximum of F1."""
         # 2PR/(P+R) = 2TP/(n_pos + TP + FP). Between positive values TP is fixed and FP
         # grows, so the maximum over the whole PR curve sits at a positive value.
         f1 = 2.0 * self.tp / (self.n_pos + self.tp + self.fp_ge)
-        return float(np.max(f1))
+        k = int(np.argmax(f1))
+        return k, float(f1[k])
 
 
 # ------------------------------------------------------------ public: image
@@ -259,8 +279,8 @@ def _integrate_to(x: np.ndarray, y: np.ndarray, max_fpr: float) -> float:
     return area
 
 
-def _aupro_curve_area(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept, max_fpr) -> float:
-    """Exact PRO-over-FPR area on [0, max_fpr] / max_fpr.
+def _pro_polyline(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept):
+    """The PRO-over-FPR polyline (x = FPR nondecreasing from 0, y = PRO), every vertex of it.
 
     neg_sorted holds (ascending) every negative scoring >= some cut c, n_neg_kept of them;
     pos_scores/pos_weights every positive scoring >= c. Curve points only change slope at
@@ -282,6 +302,12 @@ def _aupro_curve_area(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept, ma
     x[1:-1:2], x[2:-1:2] = fp_gt / n_neg, fp_ge / n_neg
     y[1:-1:2], y[2:-1:2] = pro_gt, pro_ge
     x[-1], y[-1] = n_neg_kept / n_neg, (pro_ge[-1] if pro_ge.size else 0.0)
+    return x, y
+
+
+def _aupro_curve_area(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept, max_fpr) -> float:
+    """Exact PRO-over-FPR area on [0, max_fpr] / max_fpr (the polyline of `_pro_polyline`)."""
+    x, y = _pro_polyline(pos_scores, pos_weights, neg_sorted, n_neg, n_neg_kept)
     # Clip: PRO sums 1/(R |region|) weights, so a perfect map can land 1 ulp above 1.
     return float(np.clip(_integrate_to(x, y, max_fpr) / max_fpr, 0.0, 1.0))
 
@@ -295,20 +321,30 @@ def _pro_inputs(px: _Pixels):
     return weights, n_neg, why
 
 
-def _aupro_exact(px: _Pixels, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
+def _pro_kept(px: _Pixels, max_fpr: float, neg_sorted: np.ndarray | None):
+    """(positive scores, their weights, sorted negatives, n_neg) of the PRO curve up to max_fpr, or a
+    string saying why PRO is undefined. Without `neg_sorted` only the top max_fpr share of negatives
+    is kept: partition (O(n)), sort that part."""
     y, s = px.y, px.s
     weights, n_neg, why = _pro_inputs(px)
     if why:
-        return _undefined("AUPRO", why)
+        return why
     pos = s[y]
     if neg_sorted is None:
-        # Only the top max_fpr share of negatives matters: partition (O(n)), sort that part.
         neg = s[~y]
         k = min(n_neg, int(np.floor(max_fpr * n_neg)) + 1)  # FP >= k  =>  FPR > max_fpr
         cut = np.partition(neg, n_neg - k)[n_neg - k]  # k-th largest negative
         neg_sorted = np.sort(neg[neg >= cut])
         keep = pos >= cut
         pos, weights = pos[keep], weights[keep]
+    return pos, weights, neg_sorted, n_neg
+
+
+def _aupro_exact(px: _Pixels, max_fpr: float, neg_sorted: np.ndarray | None) -> float:
+    kept = _pro_kept(px, max_fpr, neg_sorted)
+    if isinstance(kept, str):
+        return _undefined("AUPRO", kept)
+    pos, weights, neg_sorted, n_neg = kept
     return _aupro_curve_area(pos, weights, neg_sorted, n_neg, neg_sorted.size, max_fpr)
 
 

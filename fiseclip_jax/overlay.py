@@ -40,3 +40,18 @@ def side_by_side(image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float, vma
     for k, p in enumerate(panels):
         out.paste(p, (k * ov.size[0], 0))
     return out
+
+
+def triptych(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray, *, vmin: float,
+             vmax: float) -> Image.Image:
+    """Image | ground-truth mask (black when there is none) | overlay, all at the map's size (the
+    report's gallery)."""
+    ov = overlay(image, anomaly_map, vmin=vmin, vmax=vmax)
+    gt = np.zeros(anomaly_map.shape, bool) if mask is None else np.asarray(mask) > 0
+    panels = [Image.fromarray(image).convert("RGB").resize(ov.size, Image.Resampling.BILINEAR),
+              Image.fromarray(gt.astype(np.uint8) * 255).resize(ov.size, Image.Resampling.NEAREST).convert("RGB"),
+              ov]
+    out = Image.new("RGB", (ov.size[0] * 3, ov.size[1]))
+    for k, p in enumerate(panels):
+        out.paste(p, (k * ov.size[0], 0))
+    return out

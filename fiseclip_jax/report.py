@@ -53,7 +53,7 @@ def build_results(base: Path, names: list[str], header: dict) -> dict:
     for name in names:
         rec = json.loads((base / name / "metrics.json").read_text())
         categories[name] = {k: rec[k] for k in ("n_images", "n_normal", "n_anomalous", "n_unlabelled",
-                                                "metrics", "percent", "metric_sizes") if k in rec}
+                                                "n_unreadable", "metrics", "percent", "metric_sizes") if k in rec}
     mean = mean_metrics([c["metrics"] for c in categories.values()])
     return {**header, "metric_names": [m for m in METRIC_NAMES if m in mean] if categories else [],
             "categories": categories,

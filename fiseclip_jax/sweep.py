@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from .cache import key_digest
 from .errors import FiseclipError
-from .evaluate import check_settings, evaluate_category, run_config
+from .data import validate_category
+from .evaluate import check_settings, evaluate_category, list_categories, run_config
 from .features import FeatureCache
 from .outputs import atomic_write_text, library_versions
 from .overrides import apply_overrides, format_value
@@ -157,9 +158,11 @@ def sweep(params, cfg, dataset: str, root, method, grid: Mapping[str, Sequence[A
     if sort not in SORT_KEYS:
         raise FiseclipError(f"--sort {sort!r}: allowed values: {', '.join(SORT_KEYS)}")
     points = grid_points(method, grid)
-    mask_rule, size, cats = check_settings(cfg, dataset, root, categories, masks, size=size, aupro=aupro,
-                                           mask_rule=mask_rule, metric_resolution=metric_resolution,
-                                           image_ap=image_ap, class_names=class_names)
+    mask_rule, size = check_settings(cfg, size=size, aupro=aupro, mask_rule=mask_rule,
+                                     metric_resolution=metric_resolution, image_ap=image_ap, class_names=class_names)
+    cats = list_categories(dataset, root, categories, masks)
+    for cat in cats:  # every file checked before any compute; errors name the files
+        validate_category(cat)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FiseclipError(f"--out {out}: exists and is not a folder")

@@ -41,10 +41,10 @@ from .clip.preprocess import preprocess
 from .data import IMAGE_EXTENSIONS, load_image
 from .detect import detect
 from .errors import FiseclipError
-from .outputs import atomic_write_text, library_versions, overlay_name
+from .outputs import WRITE_LOCK, atomic_write_text, check_out, library_versions, overlay_name
 from .overlay import side_by_side
 from .prompts import text_features_full
-from .runner import WRITE_LOCK, check_out, decide, resolve_threshold
+from .runner import decide, resolve_threshold
 
 COLUMNS = ("file", "score", "label", "decision", "admitted", "error")
 OUTPUTS = ("scores.csv", "run.json", "overlays", "bank")

@@ -136,7 +136,9 @@ def test_killed_run_resumes_to_the_same_tables(tmp_path, tiny, monkeypatch):
     base, whole = tmp_path / "killed" / "fiseclip" / "mvtec", tmp_path / "whole" / "fiseclip" / "mvtec"
     assert (base / "alpha" / "metrics.json").is_file() and not (base / "beta").exists()
     assert [r["category"] for r in read_csv(base / "results.csv")] == ["alpha", "mean"]  # table of what finished
-    assert json.loads((base / "run.json").read_text())["status"] == "running"
+    runrec = json.loads((base / "run.json").read_text())  # agrees with the tables: what finished, and how to finish
+    assert runrec["status"] == "incomplete" and runrec["finished"] == ["alpha"] and "--resume" in runrec["resume"]
+    assert list(json.loads((base / "results.json").read_text())["categories"]) == runrec["finished"]
 
     calls.clear()
     run(tiny, root, tmp_path / "killed", resume=True)

@@ -21,6 +21,7 @@ from fiseclip_jax.cli import main
 from fiseclip_jax.data import infer_class_name
 
 runner = importlib.import_module("fiseclip_jax.runner")
+runner_detect = importlib.import_module("fiseclip_jax.detect")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "bottle"
 TINY = ["--weights", "random:tiny", "--size", "32", "--no-progress"]
 
@@ -248,3 +249,96 @@ def test_convert_of_a_corrupt_safetensors_is_one_line(tmp_path, capsys):
     assert main(["convert", str(bad), "--out", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.safetensors" in err[0] and "Traceback" not in err[0]
+
+
+# ------------------------------------------------------------------ evaluate: --out, unreadable images, Ctrl-C
+def _mvtec(tmp_path, categories=("alpha", "beta")):
+    from test_evaluate import make_mvtec
+    return make_mvtec(tmp_path / "data", categories=categories)
+
+
+def _evaluate_argv(root, out, *extra):
+    return ["evaluate", "--dataset", "mvtec", "--root", str(root), *TINY, "--out", str(out), *extra]
+
+
+def test_evaluate_refuses_a_non_empty_out_and_overwrite_clears_it(tmp_path, capsys, monkeypatch):
+    root, out = _mvtec(tmp_path), tmp_path / "out"
+    assert main(_evaluate_argv(root, out)) == 0
+    base = out / "fiseclip" / "mvtec"
+    (base / "stale_category").mkdir()  # left by an earlier run on another dataset version
+    capsys.readouterr()
+    # refused before any weights load
+    monkeypatch.setattr("fiseclip_jax.cli.evaluate.load_weights", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(_evaluate_argv(root, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty" in err[0] and "--overwrite" in err[0] and "--resume" in err[0]
+    assert main(_evaluate_argv(root, root / "alpha" / "results")) == 2  # inside the dataset
+    assert "inside the input folder" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(_evaluate_argv(root, out, "--overwrite")) == 0
+    assert not (base / "stale_category").exists() and (base / "alpha" / "metrics.json").exists()
+    assert main(_evaluate_argv(root, out, "--resume")) == 0  # finished categories are kept, not recomputed
+
+
+def test_evaluate_leaves_unreadable_images_out_of_the_metrics_and_counts_them(tmp_path, capsys, monkeypatch):
+    root = _mvtec(tmp_path, categories=("alpha",))
+    clean = tmp_path / "clean"  # the oracle: the same dataset without the broken images
+    shutil.copytree(root, clean)
+    broken = root / "alpha" / "test" / "good" / "zz_broken.png"
+    broken.write_bytes((root / "alpha" / "test" / "good" / "000.png").read_bytes()[:60])  # header check fails
+    # and one image whose header is fine but whose decoding fails during the run
+    real_load, late = runner_detect.load_image, root / "alpha" / "test" / "crack" / "001.png"
+    (clean / "alpha" / "test" / "crack" / "001.png").unlink()
+    (clean / "alpha" / "ground_truth" / "crack" / "001_mask.png").unlink()
+
+    def load(path, *a, **k):
+        if Path(path) == late:
+            raise runner_detect.FiseclipError(f"cannot read image {path}: decoding failed")
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(runner_detect, "load_image", load)
+    assert main(_evaluate_argv(root, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "2 image(s) could not be read" in err and "Traceback" not in err
+    assert main(_evaluate_argv(clean, tmp_path / "oracle")) == 0
+    got = json.loads((tmp_path / "out" / "fiseclip" / "mvtec" / "results.json").read_text())
+    want = json.loads((tmp_path / "oracle" / "fiseclip" / "mvtec" / "results.json").read_text())
+    assert got["categories"]["alpha"]["n_unreadable"] == 2 and got["categories"]["alpha"]["n_images"] == 3
+    assert got["categories"]["alpha"]["metrics"] == want["categories"]["alpha"]["metrics"]
+    metrics = json.loads((tmp_path / "out" / "fiseclip" / "mvtec" / "alpha" / "metrics.json").read_text())
+    assert sorted(metrics["unreadable"]) == ["alpha/test/crack/001.png", "alpha/test/good/zz_broken.png"]
+    assert main(_evaluate_argv(root, tmp_path / "strict", "--strict")) == 2
+    assert "zz_broken.png" in capsys.readouterr().err
+
+
+def test_evaluate_ctrl_c_is_one_line_and_run_json_agrees_with_the_tables(tmp_path):
+    names = tuple(f"c{i:02d}" for i in range(12))
+    root, out = _mvtec(tmp_path, categories=names), tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-c", "import sys; from fiseclip_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+           *[a for a in _evaluate_argv(root, out) if a != "--no-progress"]]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=0)
+    seen, deadline = "", time.time() + 180
+    while time.time() < deadline:  # signal as the second category starts: the first is written
+        ch = proc.stderr.read(1)
+        if not ch:
+            break
+        seen += ch
+        if "[2/12] mvtec/c01" in seen:
+            break
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 130, seen + rest
+    assert time.time() - sent < 3.0
+    last = [line for line in rest.strip().splitlines() if line.strip()][-1]
+    assert "interrupted after" in last and "of 12 categories" in last and "--resume" in last
+    assert "Traceback" not in rest
+    base = out / "fiseclip" / "mvtec"
+    run = json.loads((base / "run.json").read_text())
+    results = json.loads((base / "results.json").read_text())
+    assert run["status"] == "incomplete" and run["finished"] == list(results["categories"]) and run["finished"]
+    assert all((base / name / "metrics.json").exists() for name in run["finished"])
+    assert main(_evaluate_argv(root, out, "--resume")) == 0
+    run = json.loads((base / "run.json").read_text())
+    assert run["status"] == "complete" and run["finished"] == list(names)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..bank import MODES, check_method, read_bank_json
 from ..bank_run import plan_bank_build, run_bank_build
 from ..errors import FiseclipError
-from ..runner import WRITE_LOCK, Status
+from ..outputs import WRITE_LOCK, Status
 from .common import RANDOM_BANNER, add_method_args, count, load_weights, method_from_args, run_interruptible, speaker
 
 

@@ -133,7 +133,7 @@ def add_decision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fpr", type=float, default=0.01,
                    help="with --bank: the threshold flags this share of the bank's known-good images (default 0.01)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold on the score (overrides --fpr; without a bank: the only way to decide)")
+                   help="decision threshold on the score: above it is anomalous (overrides --fpr and --thresholds)")
 
 
 def read_bank_args(args) -> dict | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ..runner import WRITE_LOCK
+from ..outputs import WRITE_LOCK
 from ..data import infer_class_name
 from ..watch import UPDATES, Watch, check_watch, plan_watch
 from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, method_from_args,

@@ -8,18 +8,24 @@ from .images import image_size
 _MAX_LISTED = 20
 
 
-def validate_category(cat: Category) -> None:
+def validate_category(cat: Category, *, skip_unreadable: bool = False) -> dict[str, str]:
     """Open every image and mask header (PIL `verify`) and raise one DataError listing
     each problem with its file: unreadable file, mask size != image size, anomalous
-    image without a mask (when the dataset has masks)."""
+    image without a mask (when the dataset has masks).
+
+    skip_unreadable=True: an image that cannot be read is not a problem but is returned,
+    {path: why}, for the caller to leave out (masks must still be right)."""
     if not cat.samples:
         raise DataError(f"{cat.dataset} category {cat.name!r} has no samples")
-    problems = []
+    problems, unreadable = [], {}
     for s in cat.samples:
         try:
             height, width = image_size(s.path)
         except DataError as err:
-            problems.append(str(err))
+            if skip_unreadable:
+                unreadable[s.path] = str(err)
+            else:
+                problems.append(str(err))
             continue
         if s.mask_path is None:
             if s.label == 1 and cat.has_masks:
@@ -43,3 +49,4 @@ def validate_category(cat: Category) -> None:
             + "\n  ".join(listed)
             + (f"\n  ... and {more} more" if more else "")
         )
+    return unreadable
