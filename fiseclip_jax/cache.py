@@ -81,14 +81,15 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(_key_text(key).encode()).hexdigest()
 
 
-def entry_path(kind: str, key: dict) -> Path:
-    """Where the entry for `key` lives: <cache_dir>/<kind>/<key digest>.npz."""
-    return cache_dir() / kind / f"{key_digest(key)[:40]}.npz"
+def entry_path(kind: str, key: dict, root: Path | None = None) -> Path:
+    """Where the entry for `key` lives: <root or cache_dir>/<kind>/<key digest>.npz."""
+    return Path(root or cache_dir()) / kind / f"{key_digest(key)[:40]}.npz"
 
 
-def load_arrays(kind: str, key: dict) -> dict[str, np.ndarray] | None:
-    """The arrays stored under `key`, or None when absent, unreadable or stored for another key."""
-    path = entry_path(kind, key)
+def load_arrays(kind: str, key: dict, root: Path | None = None) -> dict[str, np.ndarray] | None:
+    """The arrays stored under `key` (in `root`, default the cache folder), or None when absent,
+    unreadable or stored for another key."""
+    path = entry_path(kind, key, root)
     try:
         with np.load(path, allow_pickle=False) as z:
             if _KEY_FIELD not in z.files or str(z[_KEY_FIELD]) != _key_text(key):
@@ -98,10 +99,11 @@ def load_arrays(kind: str, key: dict) -> dict[str, np.ndarray] | None:
         return None
 
 
-def save_arrays(kind: str, key: dict, arrays: dict[str, np.ndarray]) -> Path | None:
-    """Store `arrays` under `key`, atomically; None (and one warning per process) if it cannot."""
+def save_arrays(kind: str, key: dict, arrays: dict[str, np.ndarray], root: Path | None = None) -> Path | None:
+    """Store `arrays` under `key` (in `root`, default the cache folder), atomically; None (and one warning
+    per process) if it cannot."""
     global _warned
-    path = entry_path(kind, key)
+    path = entry_path(kind, key, root)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +117,7 @@ def save_arrays(kind: str, key: dict, arrays: dict[str, np.ndarray]) -> Path | N
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if not _warned:
-            warnings.warn(f"cannot write to the cache folder {cache_dir()} ({e}); results are recomputed "
+            warnings.warn(f"cannot write to the cache folder {root or cache_dir()} ({e}); results are recomputed "
                           f"next run. Set ${ENV_VAR} to a writable folder or pass --no-cache.", stacklevel=2)
             _warned = True
         return None

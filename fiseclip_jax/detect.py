@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -15,10 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .bank import Bank, detect_with_bank
+from .cache import key_digest
 from .clip.config import CLIPConfig
 from .data import load_image
 from .errors import FewImagesWarning, FiseclipError
 from .distributed import pad_batch, replicate, shard_batch, sharded_encode_features
+from .features import FeatureCache, image_hash
 from .methods import Detection, Method, as_text
 from .prompts import text_features_full
 
@@ -180,9 +183,84 @@ def _restore_state(stored, like):
     return jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) for x in leaves])
 
 
+def _cached_group(params, cfg, items, lo, hi, method, size, resample, skip_errors, fcache: FeatureCache,
+                  context: dict, width: int):
+    """Images lo..hi-1 through the feature cache: ([(shape, {name: [..]}, content hash)] per readable image,
+    good indices, {index: error}). Hits are read back; misses are loaded, encoded (runs of one shape padded
+    to `width`, one compilation) and stored."""
+    entries, good, errors, misses = {}, [], {}, []
+    for i in range(lo, hi):
+        digest = image_hash(items[i])
+        hit = fcache.get(context, digest)
+        if hit is not None:
+            entries[i] = (hit[1], hit[0], digest)
+            good.append(i)
+            continue
+        try:
+            misses.append((i, digest, _load(items[i], method, size, resample)))
+            good.append(i)
+        except FiseclipError as err:
+            if not skip_errors:
+                raise
+            errors[i] = str(err)
+    for start, run in _runs([x for _, _, x in misses]):
+        out = _encode_jit(params, cfg, jnp.asarray(_pad(run, max(width, len(run)))), method)
+        out = jax.tree.map(np.asarray, out)
+        for j in range(len(run)):
+            i, digest, x = misses[start + j]
+            feats = {k: v[j] for k, v in out.items()}
+            fcache.put(context, digest, feats, x.shape)
+            entries[i] = (x.shape, feats, digest)
+    return [entries[i] for i in good], np.array(good, int), errors
+
+
+def _stack_runs(entries):
+    """[(shape, feats, hash)] -> [(hashes, shape, {name: [k, ..]})]: consecutive images of one input shape."""
+    out, start = [], 0
+    for i in range(1, len(entries) + 1):
+        if i == len(entries) or entries[i][0] != entries[start][0]:
+            block = entries[start:i]
+            out.append(([h for _, _, h in block], block[0][0],
+                        {k: np.stack([f[k] for _, f, _ in block]) for k in block[0][1]}))
+            start = i
+    return out
+
+
+def _text_digest(text) -> str:
+    return key_digest({"text": [hashlib.sha256(np.asarray(x).tobytes()).hexdigest() for x in jax.tree.leaves(text)]})
+
+
+def _score_cached(feats, text, valid, method, size, state, fcache: FeatureCache, key: dict | None):
+    """`score_features` on features from the cache; a method that splits its scoring (`stage_fields`) has its
+    first stage read from / kept in the cache's memory under `key` + those fields (None: not kept)."""
+    if state is not None or not method.stage_fields or key is None:
+        return _score_jit(feats, text, valid, method, size, None, state)
+    key = {**key, "stage": {f: getattr(method, f) for f in method.stage_fields}}
+    stage = fcache.stage_get(key)
+    if stage is None:
+        stage = _stage_jit(feats, text, valid, method)
+        fcache.stage_put(key, stage)
+    return _from_stage_jit(feats, stage, text, valid, method, size)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _stage_jit(feats, text, valid, method):
+    return method.score_stage(feats, text, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "size"))
+def _from_stage_jit(feats, stage, text, valid, method, size):
+    return method.score_from_stage(feats, stage, text, valid, size=size)
+
+
+def _pad_tree(feats, b):
+    return {k: _pad(v, b) for k, v in feats.items()}
+
+
 def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *, size: int,
                 encode_batch: int = 8, resample: str = "bicubic", text=None, progress: bool | Callable = True,
-                mesh=None, skip_groups=(), feature_store=None, skip_errors: bool = False) -> Iterator[GroupResult]:
+                mesh=None, skip_groups=(), feature_store=None, skip_errors: bool = False,
+                feature_cache: FeatureCache | None = None) -> Iterator[GroupResult]:
     """`detect_category` one scored group at a time (what a caller writes as it goes).
 
     Groups are `category_groups(method, len(images), encode_batch)`, scored in file order; a method's
@@ -192,8 +270,12 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
     features of a whole-category method per encode batch, so a resumed run does not encode again.
     Images are decoded one group at a time, so memory does not grow with the number of images.
     skip_errors=True: an unreadable image is left out of its batch (reported in `errors`).
+    feature_cache: a `FeatureCache` (`--cache DIR`): each image's features are read from it when stored
+    (no forward pass, no decoding) and stored after encoding; scoring then runs on the features.
     """
     n = len(images)
+    if feature_cache is not None and mesh is not None:
+        raise FiseclipError("a feature cache (--cache) runs on one device: drop --devices or --cache")
     if n == 0:
         raise FiseclipError(f"no images for category {class_name!r}")
     if text is not None:
@@ -208,6 +290,8 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
     if mesh is not None:  # once, on every device of the mesh
         params, text, state = replicate((params, text, state), mesh)
     encode = _encode_jit if mesh is None else functools.partial(sharded_encode_features, mesh=mesh)
+    context = None if feature_cache is None else feature_cache.context(params, cfg, method, size, resample)
+    text_digest = None if feature_cache is None else _text_digest(text)
     bar = _progress(progress, n, class_name)
     skip_groups = set(skip_groups)
     try:
@@ -221,8 +305,23 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
                         state = state if state is None else _restore_state(stored, state)
                         bar.update(hi - lo)
                         continue
-                xs, good, errors = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 scores, maps, refs = [], [], []
+                if feature_cache is not None:  # encoding split from scoring: features from the cache
+                    entries, good, errors = _cached_group(params, cfg, images, lo, hi, method, size, resample,
+                                                          skip_errors, feature_cache, context, width)
+                    for hashes, shape, feats in _stack_runs(entries):
+                        k = len(feats[next(iter(feats))])
+                        key = None if None in hashes else {**context, "images": hashes, "width": width,
+                                                            "text": text_digest}
+                        out = _score_cached(_pad_tree(feats, width), text, jnp.asarray(np.arange(width) < k),
+                                            method, map_size(shape), state, feature_cache, key)
+                        det, state = out if state is not None else (out, None)
+                        scores.append(np.asarray(det.image_scores)[:k])
+                        maps.append(np.asarray(det.anomaly_maps)[:k])
+                        refs.append(np.asarray(det.num_refs)[:k])
+                    xs = []
+                else:
+                    xs, good, errors = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 for _, run in _runs(xs):
                     k = len(run)
                     det, state = detect(params, cfg, _pad(run, width), text, method, np.arange(width) < k,
@@ -239,7 +338,7 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             return
         if 0 in skip_groups:
             return
-        feats, good, errors, shape = [], [], {}, None
+        feats, good, errors, shape, hashes = [], [], {}, None, []
         # As many encode batches as encode_batch asks for, evened out (10 images, encode_batch 8: two of 5,
         # not 8 and 2 padded to 8), so no forward pass is spent on padding. With a mesh, the global batch.
         width = encode_batch if mesh is not None else -(-n // -(-n // encode_batch))
@@ -248,6 +347,19 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             stored = feature_store.get(key) if feature_store is not None else None
             if stored is not None:
                 f, idx, err = stored["features"], stored["indices"], stored["errors"]
+                hashes.append(None)  # features of a resumed run: no stage kept
+            elif feature_cache is not None:
+                entries, idx, err = _cached_group(params, cfg, images, lo, hi, method, size, resample, skip_errors,
+                                                  feature_cache, context, width)
+                runs = _stack_runs(entries)
+                if len(runs) > 1 or (runs and shape is not None and runs[0][1] != shape):
+                    raise FiseclipError(f"{method.label} scores the whole category at once, but the images of "
+                                        f"{class_name!r} give model inputs of different shapes")
+                f = runs[0][2] if runs else {}
+                shape = runs[0][1] if runs else shape
+                hashes.extend(runs[0][0] if runs else [])
+                if feature_store is not None:
+                    feature_store[key] = {"features": f, "indices": idx, "errors": err}
             else:
                 xs, idx, err = _load_group(images, lo, hi, method, size, resample, skip_errors)
                 f = {}
@@ -273,7 +385,11 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
         bar.set_postfix_str("matching")
         all_feats = jax.tree.map(lambda *a: jnp.asarray(np.concatenate(a)), *feats)
         map_hw = map_size(shape) if shape is not None else size
-        det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, map_hw, mesh)
+        if feature_cache is not None:
+            key = None if None in hashes else {**context, "images": hashes, "text": text_digest}
+            det = _score_cached(all_feats, text, jnp.ones(len(good), bool), method, map_hw, None, feature_cache, key)
+        else:
+            det = _score_jit(all_feats, text, jnp.ones(len(good), bool), method, map_hw, mesh)
         yield GroupResult(0, good, np.asarray(det.image_scores), np.asarray(det.anomaly_maps),
                           np.asarray(det.num_refs), errors)
     finally:
@@ -282,7 +398,8 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
 
 def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str, method: Method, *,
                     size: int, encode_batch: int = 8, resample: str = "bicubic", text=None,
-                    progress: bool | Callable = True, mesh=None, skip_errors: bool = False) -> CategoryResult:
+                    progress: bool | Callable = True, mesh=None, skip_errors: bool = False,
+                    feature_cache: FeatureCache | None = None) -> CategoryResult:
     """Run a whole category: images are paths, PIL images or uint8 HWC arrays, in file order.
 
     Each image becomes a model input through `method.prepare(image, size, resample)` (S×S for
@@ -297,11 +414,13 @@ def detect_category(params, cfg: CLIPConfig, images: Sequence[Any], class_name: 
     one batch at a time; `iter_detect` gives the same results one group at a time.
     skip_errors=True: an unreadable image is left out (its index and error in `errors`) instead of
     raising.
+    With a `feature_cache` (`features.FeatureCache`) stored features replace the forward pass.
     """
     if len(images) < method.min_images:
         warnings.warn(FewImagesWarning(few_images_message(method, len(images), class_name)), stacklevel=2)
     parts = list(iter_detect(params, cfg, images, class_name, method, size=size, encode_batch=encode_batch,
-                             resample=resample, text=text, progress=progress, mesh=mesh, skip_errors=skip_errors))
+                             resample=resample, text=text, progress=progress, mesh=mesh, skip_errors=skip_errors,
+                             feature_cache=feature_cache))
     blocks = [b for p in parts for b in ([m[None] for m in p.anomaly_maps] if isinstance(p.anomaly_maps, list)
                                           else [np.asarray(p.anomaly_maps)])]
     maps = _join_maps(blocks)

@@ -300,19 +300,20 @@ def _progress_factory(enabled: bool, label: str):
 def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", mask_rule="resize>0.5",
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
                       image_ap="average_precision", class_names="clean",
-                      skip_errors: bool = False) -> tuple[dict, np.ndarray, list, list]:
+                      skip_errors: bool = False, feature_cache=None) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
     Image metrics need every label; pixel metrics also need the dataset's masks. skip_errors=True: an
-    image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others."""
+    image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others. A
+    `feature_cache` (`features.FeatureCache`) replaces the forward pass of images it holds."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \
         text_features_full(params, cfg, name, method.prompts, verbatim=class_names != "clean")
     result = detect_category(params, cfg, [s.path for s in cat.samples], name, method, size=size,
                              encode_batch=encode_batch, resample=resample, text=text, progress=progress, mesh=mesh,
-                             skip_errors=skip_errors)
+                             skip_errors=skip_errors, feature_cache=feature_cache)
     unreadable = {cat.samples[i].path: why for i, why in sorted(result.errors.items())}
     if unreadable:
         cat = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
@@ -354,6 +355,24 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
     return record, scores, maps, masks
 
 
+def check_settings(cfg, *, size, aupro, mask_rule, metric_resolution, image_ap, class_names) -> tuple[str, int]:
+    """Every evaluation option checked before any compute (`evaluate`, `sweep`): (mask rule, input size)."""
+    if aupro not in AUPRO_VARIANTS:
+        raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
+    if mask_rule not in MASK_RULES:
+        raise FiseclipError(f"mask_rule must be one of {tuple(MASK_RULES)}, got {mask_rule!r}")
+    if metric_resolution not in METRIC_RESOLUTIONS:
+        raise FiseclipError(f"metric_resolution must be one of {METRIC_RESOLUTIONS}, got {metric_resolution!r}")
+    if image_ap not in IMAGE_AP:
+        raise FiseclipError(f"image_ap must be one of {IMAGE_AP}, got {image_ap!r}")
+    if class_names not in CLASS_NAMES:
+        raise FiseclipError(f"class_names must be one of {CLASS_NAMES}, got {class_names!r}")
+    size = size or cfg.vision.image_size
+    if size % cfg.vision.patch_size:
+        raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
+    return MASK_RULES[mask_rule], size
+
+
 def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: int | None, out, masks=None,
              resume: bool = False, aupro: str = "exact", mask_rule: str = "resize>0.5",
              overlays_per_category: int = 4, progress: bool = True, mesh=None, weights: str = "",
@@ -361,7 +380,7 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
              image_ap: str = "average_precision", class_names: str = "clean", protocol: str | None = None,
              overwrite: bool = False, strict: bool = False, plan: EvalPlan | None = None,
              status: Status | None = None, say=lambda msg: None, fpr: float = 0.01, gallery: int = 4,
-             html: bool = True) -> dict:
+             html: bool = True, feature_cache=None) -> dict:
     """Evaluate `method` (a method config) on categories of a dataset; returns the results.json record:
     {"categories": {name: {"metrics": fractions, "percent": ..., counts}}, "mean": {...}, ...}.
 
@@ -376,25 +395,14 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
     instead of leaving it out. `plan` (from `plan_evaluate`, which the CLI calls before loading
     weights) replaces categories/masks/overwrite/resume/strict; `status` counts finished categories
     (what an interrupt reports); `say` gets phase messages; fpr: the target false-positive rate of
-    thresholds.json; gallery: worst cases per kind shown in report.html (html=False: no report.html).
-    Outputs as in the module docstring.
+    thresholds.json; gallery: worst cases per kind shown in report.html (html=False: no report.html);
+    feature_cache: a `features.FeatureCache` (`--cache DIR`) that stores each image's encoded features,
+    so a later run with other scoring options skips the forward pass. Outputs as in the module docstring.
     """
     if not 0.0 <= fpr <= 1.0:
         raise FiseclipError(f"--fpr must be between 0 and 1, got {fpr}")
-    if aupro not in AUPRO_VARIANTS:
-        raise FiseclipError(f"aupro must be one of {AUPRO_VARIANTS}, got {aupro!r}")
-    if mask_rule not in MASK_RULES:
-        raise FiseclipError(f"mask_rule must be one of {tuple(MASK_RULES)}, got {mask_rule!r}")
-    if metric_resolution not in METRIC_RESOLUTIONS:
-        raise FiseclipError(f"metric_resolution must be one of {METRIC_RESOLUTIONS}, got {metric_resolution!r}")
-    if image_ap not in IMAGE_AP:
-        raise FiseclipError(f"image_ap must be one of {IMAGE_AP}, got {image_ap!r}")
-    if class_names not in CLASS_NAMES:
-        raise FiseclipError(f"class_names must be one of {CLASS_NAMES}, got {class_names!r}")
-    mask_rule = MASK_RULES[mask_rule]
-    size = size or cfg.vision.image_size
-    if size % cfg.vision.patch_size:
-        raise FiseclipError(f"size {size} is not divisible by the patch size {cfg.vision.patch_size} of {cfg.name}")
+    mask_rule, size = check_settings(cfg, size=size, aupro=aupro, mask_rule=mask_rule,
+                                     metric_resolution=metric_resolution, image_ap=image_ap, class_names=class_names)
     root = Path(root)
     if plan is None:
         plan = plan_evaluate(dataset, root, method, out=out, categories=categories, masks=masks,
@@ -452,7 +460,8 @@ def evaluate(params, cfg, dataset: str, root, method, *, categories=None, size: 
         say(f"{label}: {len(cat)} images" + (" (the first batch compiles)" if k == 1 else ""))
         record, scores, maps, gt = evaluate_category(
             params, cfg, cat, method, size=size, aupro=aupro, mask_rule=mask_rule, encode_batch=encode_batch,
-            progress=_progress_factory(progress, label), mesh=mesh, skip_errors=not plan.strict, **settings)
+            progress=_progress_factory(progress, label), mesh=mesh, skip_errors=not plan.strict,
+            feature_cache=feature_cache, **settings)
         unreadable = {**plan.unreadable.get(cat.name, {}), **record["unreadable"]}
         scored = dataclasses.replace(cat, samples=tuple(s for s in cat.samples if s.path not in unreadable))
         record.update(n_unreadable=len(unreadable), run_config=current,

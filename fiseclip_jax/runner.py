@@ -274,13 +274,14 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
                plan: DetectPlan | None = None, status: Status | None = None,
                say: Callable[[str], None] = lambda msg: None, bank=None, threshold=None, fpr=0.01,
                thresholds: dict | None = None, pixel_threshold=None,
-               exported: ExportedDetector | None = None) -> dict:
+               exported: ExportedDetector | None = None, feature_cache=None) -> dict:
     """Score every image of `folder` into `out`; returns the run record (also written as run.json),
     with "errors": {file: message} of images that could not be read. With a reference `bank` (method,
     size and class name are the bank's) images are scored against it and get a decision; so do they with
     a `threshold` or `thresholds` (`read_thresholds` of an evaluate run's thresholds.json, checked against
     this run's method and size). A pixel threshold (`pixel_threshold` or the file's) writes defect masks.
-    With `exported` (`load_exported`; params and cfg are then unused) its program scores the images."""
+    With `exported` (`load_exported`; params and cfg are then unused) its program scores the images. A
+    `feature_cache` (`features.FeatureCache`, `--cache DIR`) replaces the forward pass of the images it holds."""
     plan = plan or plan_detect(folder, out, class_name=class_name, overwrite=overwrite, resume=resume,
                                strict=strict)
     status = status or Status()
@@ -350,7 +351,8 @@ def run_detect(params, cfg, folder, method, *, out, class_name=None, size=None, 
     elif bank is None:
         results = iter_detect(params, cfg, paths, plan.class_name, method, size=size, encode_batch=encode_batch,
                               text=text, progress=progress, mesh=mesh, skip_groups=done,
-                              feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict)
+                              feature_store=DiskStore(partial / "features"), skip_errors=not plan.strict,
+                              feature_cache=feature_cache)
     else:
         results = iter_detect_bank(params, cfg, bank, paths, encode_batch=encode_batch, text=text, progress=progress,
                                    skip_groups=done, skip_errors=not plan.strict)

@@ -6,6 +6,8 @@
     fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]
     fiseclip-jax detect DIR ... --thresholds CAT/thresholds.json [--threshold-rule f1|fpr] [--pixel-threshold X]
     fiseclip-jax evaluate --dataset mvtec|visa|folder --root PATH ... (see `evaluate --help`)
+    fiseclip-jax sweep --dataset ... --root PATH --method M --grid KEY=V1,V2 ... --out OUT [--cache DIR]
+    fiseclip-jax methods [NAME]           every field --set KEY=VALUE / --config FILE.toml can change
     fiseclip-jax report RESULTS_DIR
     fiseclip-jax bank build GOOD_DIR --class-name C --method fiseclip|musc --weights W [--size S]
                             [--capacity K] [--mode exact|coreset] --out BANK
@@ -22,10 +24,10 @@ import sys
 import traceback
 
 from ..errors import FiseclipError
-from . import bank, convert, detect, evaluate, export, report, watch
+from . import bank, convert, detect, evaluate, export, methods, report, sweep, watch
 from .common import configure_caches
 
-COMMANDS = (convert, detect, evaluate, report, bank, watch, export)
+COMMANDS = (convert, detect, evaluate, sweep, methods, report, bank, watch, export)
 # The library's own errors: bad input, explained in their message. Anything else is a bug.
 USER_ERRORS = (FiseclipError, OSError)
 

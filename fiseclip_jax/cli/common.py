@@ -9,11 +9,12 @@ import threading
 import time
 from typing import Callable
 
-from .. import cache, methods
+from .. import cache, methods, overrides
 from ..bank import check_compatible, load_bank, read_bank_json
 from ..clip.checkpoint import resolve_weights
 from ..distributed import initialize_distributed, make_mesh
 from ..errors import FiseclipError
+from ..features import FeatureCache
 from ..prompts import clean_class_name
 
 RANDOM_BANNER = """\
@@ -82,11 +83,39 @@ def make_run_mesh(args):
     return make_mesh(args.devices)
 
 
+def add_override_args(p: argparse.ArgumentParser, cache_help: str = "") -> None:
+    """--set / --config (every field of the method config) and --cache DIR (per-image encoded features)."""
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any field of the method config (repeatable): alpha=0.2, layers=6,12,18,24, tta.steps=10, "
+                        "layers=none; `fiseclip-jax methods` lists the keys; wins over --config")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="method fields from a TOML file's [method] table (its `method` key names the method), or "
+                        "the method config recorded in a previous run.json (reruns it exactly)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="feature cache: each image's encoded features are stored in DIR and reused when weights, "
+                        "image, size and the method's encoding fields match (no forward pass)" + cache_help)
+
+
 def method_from_args(args, protocol=None) -> methods.Method:
-    """The method config the flags stand for: the registered method (with a protocol's options) and the
-    run options it takes; a flag given explicitly wins over the protocol."""
-    method = protocol.method_config(args.method) if protocol else methods.get(args.method or DEFAULT_METHOD)
-    return method.with_run_options(batch_size=args.batch_size, act=args.act, seed=args.seed)
+    """The method config the flags stand for: the registered method (with a protocol's options), then a
+    --config file's fields, the run options given (--batch-size, --act, --seed), then --set; a flag given
+    explicitly wins over the protocol."""
+    config = getattr(args, "config", None)
+    sets = overrides.parse_assignments(getattr(args, "set", None) or [])
+    base = protocol.method_config(args.method) if protocol else None
+    return overrides.resolve_method(args.method or (None if config else DEFAULT_METHOD), base=base, config=config,
+                                    sets=sets, run_options=dict(batch_size=args.batch_size, act=args.act,
+                                                                seed=args.seed))
+
+
+def feature_cache_from_args(args) -> FeatureCache | None:
+    """The --cache folder as a FeatureCache (checked to be a folder), or None."""
+    folder = getattr(args, "cache", None)
+    if folder is None:
+        return None
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FiseclipError(f"--cache {folder}: exists and is not a folder")
+    return FeatureCache(folder)
 
 
 def load_weights(spec: str, seed: int = 0, say: Callable[[str], None] = lambda msg: None, dtype: str = "float32"):

@@ -1,4 +1,5 @@
-"""`fiseclip-jax detect DIR --method M --weights W [--size S] ... --out OUT`: a folder in, scores and maps out.
+"""`fiseclip-jax detect DIR --method M --weights W [--size S] [--set KEY=VALUE ...] [--config FILE] [--cache DIR]
+... --out OUT`: a folder in, scores and maps out.
 
 `fiseclip-jax detect DIR --bank BANK --out OUT [--fpr F | --threshold X]`: each image scored against a
 reference bank (method, weights and size come from the bank), with a decision column.
@@ -18,12 +19,13 @@ from ..errors import FiseclipError
 from ..export import load_exported, read_export_json
 from ..outputs import WRITE_LOCK, Status
 from ..runner import THRESHOLD_RULES, plan_detect, read_thresholds, run_detect
-from .common import (RANDOM_BANNER, add_decision_args, add_method_args, load_with_bank, make_run_mesh,
-                     method_from_args, read_bank_args, run_interruptible, speaker)
+from .common import (RANDOM_BANNER, add_decision_args, add_method_args, add_override_args, feature_cache_from_args,
+                     load_with_bank, make_run_mesh, method_from_args, read_bank_args, run_interruptible, speaker)
 
 
 # Options an export fixes (its method, weights, size, class name and bank were chosen when it was made).
-FIXED_BY_EXPORT = ("method", "weights", "size", "class_name", "bank", "act", "batch_size", "devices", "distributed")
+FIXED_BY_EXPORT = ("method", "weights", "size", "class_name", "bank", "act", "batch_size", "devices", "distributed",
+                   "set", "config", "cache")
 
 
 def cmd_detect(args) -> int:
@@ -37,13 +39,19 @@ def cmd_detect(args) -> int:
     thresholds = read_thresholds(args.thresholds, args.threshold_rule) if args.thresholds else None
     if record is not None and (args.devices or args.distributed):
         raise FiseclipError("--bank scores each image on its own against the bank: --devices is not supported")
+    if record is not None and (args.set or args.config or args.cache):
+        raise FiseclipError("--bank: the method and its options are the bank's; --set, --config and --cache "
+                            "do not apply")
+    if args.cache and (args.devices or args.distributed):
+        raise FiseclipError("--cache runs on one device: drop --devices or --cache")
+    method = method_from_args(args)  # bad --set / --config fail before anything is read
+    feature_cache = feature_cache_from_args(args)
     plan = plan_detect(args.dir, args.out, class_name=args.class_name, overwrite=args.overwrite,
                        resume=args.resume, strict=args.strict)
     if record is not None:
         plan.class_name, plan.class_name_source = record["class_name"], "the bank"
     say(f"{len(plan.category)} images in {plan.folder}; class name {plan.class_name!r} "
         f"(from {plan.class_name_source})")
-    method = method_from_args(args)
     if record is None and len(plan.category) < method.min_images:
         raise FiseclipError(few_images_message(method, len(plan.category), plan.class_name))
     mesh = make_run_mesh(args) if record is None else None
@@ -56,7 +64,8 @@ def cmd_detect(args) -> int:
                              encode_batch=args.batch_size or 8, progress=not args.no_progress,
                              random_weights=is_random, weights=weights, seed=args.seed, mesh=mesh, plan=plan,
                              status=status, say=say, bank=bank, threshold=args.threshold, fpr=args.fpr,
-                             thresholds=thresholds, pixel_threshold=args.pixel_threshold)
+                             thresholds=thresholds, pixel_threshold=args.pixel_threshold,
+                             feature_cache=feature_cache)
         if is_random:
             print(RANDOM_BANNER.format(spec=weights), file=sys.stderr)
         return _report(record_, plan.out)
@@ -116,6 +125,7 @@ def add_parser(sub) -> None:
     d.add_argument("--class-name", default=None,
                    help="product name for the prompts (default: from the folder path; MVTec bottle/test -> bottle)")
     add_method_args(d, weights_required=False)
+    add_override_args(d)
     d.add_argument("--bank", default=None,
                    help="a reference bank (`bank build`): each image is scored against it alone and gets a decision")
     d.add_argument("--exported", default=None, metavar="EXPORT_DIR",

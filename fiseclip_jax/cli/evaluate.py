@@ -5,6 +5,7 @@
                           [--protocol musc-paper|anoclip-paper] [--aupro exact|legacy]
                           [--mask-rule resize|strict|nonzero] [--metric-resolution input|original]
                           [--image-ap average_precision|pr_auc] [--resample bicubic|bilinear]
+                          [--set KEY=VALUE ...] [--config FILE] [--cache DIR]
                           [--fpr F] [--gallery K] [--overwrite | --resume] [--strict] --out OUT
 
 Writes results tables, per category thresholds.json (for `detect --thresholds`), and report.html.
@@ -18,8 +19,8 @@ from .. import protocols
 from ..errors import FiseclipError
 from ..evaluate import evaluate, plan_evaluate
 from ..outputs import WRITE_LOCK, Status
-from .common import (RANDOM_BANNER, add_method_args, count, load_weights, make_run_mesh, method_from_args,
-                     run_interruptible, speaker)
+from .common import (RANDOM_BANNER, add_method_args, add_override_args, count, feature_cache_from_args, load_weights,
+                     make_run_mesh, method_from_args, run_interruptible, speaker)
 
 _MASK_RULES = {"resize": "resize>0.5", "strict": "strict", "nonzero": "resize>0"}
 
@@ -40,7 +41,8 @@ def cmd_evaluate(args) -> int:
     say = speaker(args.no_progress)
     # Everything is checked before the weights load: the dataset's files, --out, the options.
     protocol = protocols.get(args.protocol, args.dataset) if args.protocol else None
-    method = method_from_args(args, protocol)
+    method = method_from_args(args, protocol)  # bad --set / --config fail before the weights load
+    feature_cache = feature_cache_from_args(args)
     plan = plan_evaluate(args.dataset, args.root, method, out=args.out, categories=args.category, masks=args.masks,
                          overwrite=args.overwrite, resume=args.resume, strict=args.strict)
     n_images = sum(len(c) for c in plan.categories)
@@ -59,6 +61,7 @@ def cmd_evaluate(args) -> int:
                            overlays_per_category=args.overlays, progress=not args.no_progress,
                            weights=args.weights, seed=args.seed, encode_batch=args.batch_size or 8, mesh=mesh,
                            fpr=args.fpr, gallery=args.gallery, plan=plan, status=status, say=say,
+                           feature_cache=feature_cache,
                            **{"size": None, **settings})
         base = plan.base
         print((base / "results.md").read_text(), end="")
@@ -78,17 +81,8 @@ def cmd_evaluate(args) -> int:
                              "to finish", WRITE_LOCK)
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser("evaluate", help="metrics of a method on MVTec AD, VisA or a labelled folder "
-                       "(anomalib-style tables; resumable)")
-    e.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True)
-    e.add_argument("--root", required=True,
-                   help="dataset root (MVTec: folder of categories; VisA: folder with split_csv/; "
-                        "folder: the images, sub-folders good/ and <defect>/ give labels)")
-    e.add_argument("--category", nargs="+", action="extend", default=None,
-                   help="categories to run (default: all found); for a folder: its name in the prompts")
-    e.add_argument("--masks", default=None, help="folder dataset only: ground-truth masks folder")
-    add_method_args(e)
+def add_evaluation_args(e) -> None:
+    """How a run is scored (`evaluate`, `sweep`): --protocol and the metric variants."""
     e.add_argument("--protocol", choices=protocols.names(), default=None,
                    help="a published protocol (README: reproducing the papers): sets the method options, "
                         "size, resize filter, mask rule, AUPRO and image-AP variants for --dataset; "
@@ -104,6 +98,21 @@ def add_parser(sub) -> None:
                    help="image_AP as average precision (default) or AnoVL's auc(recall, precision)")
     e.add_argument("--resample", choices=("bicubic", "bilinear"), default=None,
                    help="preprocessing resize filter (default bicubic; AnoVL: bilinear)")
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="metrics of a method on MVTec AD, VisA or a labelled folder "
+                       "(anomalib-style tables; resumable)")
+    e.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True)
+    e.add_argument("--root", required=True,
+                   help="dataset root (MVTec: folder of categories; VisA: folder with split_csv/; "
+                        "folder: the images, sub-folders good/ and <defect>/ give labels)")
+    e.add_argument("--category", nargs="+", action="extend", default=None,
+                   help="categories to run (default: all found); for a folder: its name in the prompts")
+    e.add_argument("--masks", default=None, help="folder dataset only: ground-truth masks folder")
+    add_method_args(e)
+    add_override_args(e)
+    add_evaluation_args(e)
     e.add_argument("--overlays", type=int, default=4, help="overlay pictures per category (default 4)")
     e.add_argument("--fpr", type=float, default=0.01,
                    help="thresholds.json: also the threshold that flags at most this share of the good images "

@@ -13,7 +13,8 @@ from ..clip.modeling import encode_image
 from ..postprocess import mean_filter, upsample_bilinear
 from ..tiles import TileLayout, prepare_tiled
 from ..views import anoclip_views
-from .base import Detection, Method, as_text, register
+from ..prompts import PROMPT_SETS
+from .base import Detection, Method, as_text, option, register
 from .common import grid_maps, text_alignment
 from .tta import TTAConfig, adapt_batch, fresh_state
 from ..errors import FiseclipError
@@ -24,14 +25,14 @@ from ..errors import FiseclipError
 class AnoCLIPConfig(Method):
     """AnoCLIP (SPEC §4.4); with `tta` set, AnoCLIP+ (SPEC §4.5)."""
 
-    local_blocks: Optional[int] = None  # None -> all blocks run the vv dual path
-    prompts: str = "anoclip"
-    tau: float = 1.0  # plain softmax of cosines
-    mean_filter: int = 3  # replicate-padded mean filter on the patch grid
-    align_corners: bool = True
-    views: bool = False  # image score averaged over the 22 views of SPEC §4.4
-    tta: Optional[TTAConfig] = None  # AnoCLIP+ (SPEC §4.5): TTAConfig(); None = plain AnoCLIP
-    tiles: int = 1  # 2: AnoVL's VisA protocol, short side to S and two S×S tiles (SPEC §4.4, tiles.py)
+    local_blocks: Optional[int] = option(None, "final blocks that run the vv dual path; none: all blocks")
+    prompts: str = option("anoclip", "prompt set of the text branch (SPEC §3)", tuple(PROMPT_SETS))
+    tau: float = option(1.0, "logit scale of the softmax of cosines (1: plain softmax)")
+    mean_filter: int = option(3, "side of the replicate-padded mean filter on the patch grid (1: none)")
+    align_corners: bool = option(True, "bilinear upsampling of the patch grid with align_corners")
+    views: bool = option(False, "image score averaged over the 22 views of SPEC §4.4")
+    tta: Optional[TTAConfig] = option(None, "test-time adapter (AnoCLIP+, SPEC §4.5); none: plain AnoCLIP")
+    tiles: int = option(1, "1: square input; 2: AnoVL's VisA protocol, short side S and two S×S tiles", (1, 2))
 
     name = "anoclip"
     run_options = {"seed": "tta.seed"}

@@ -102,6 +102,23 @@ class Method:
         Pure, jit-able. Default: no state, `score` itself."""
         return self.score(feats, text, valid, size=size, mesh=mesh), state
 
+    # -- scoring in two stages (optional): a sweep reuses the costly first one --------------
+    # A method whose scoring starts with a costly step (matching) that depends on few of its fields
+    # lists them in `stage_fields` and provides the two stages, with
+    #   score(feats, text, valid, size=S) == score_from_stage(feats, score_stage(feats, text, valid), text,
+    #                                                         valid, size=S).
+    # With a feature cache, `iter_detect` keeps each group's first stage in memory, keyed by the images,
+    # the text and these fields: configurations that differ only in later fields skip the first stage.
+    stage_fields: ClassVar[tuple[str, ...]] = ()
+
+    def score_stage(self, feats: dict, text: TextFeatures, valid, *, mesh=None) -> dict:
+        """The first, costly stage of `score` (a dict of arrays). Pure, jit-able."""
+        raise NotImplementedError
+
+    def score_from_stage(self, feats: dict, stage: dict, text: TextFeatures, valid, *, size) -> Detection:
+        """The rest of `score`, from the first stage's output. Pure, jit-able."""
+        raise NotImplementedError
+
     # -- reference bank (online inspection); by default a method does not use one ---------
     uses_bank: ClassVar[bool] = False
     # Entries of the per-image statistics (`bank_calibrate`) that must all be at most a quantile of
@@ -156,6 +173,12 @@ class Method:
     def record(self) -> dict:
         """A JSON-able description: every field (nested configs included) and "method": the label."""
         return {**dataclasses.asdict(self), "method": self.label}
+
+
+def option(default, meaning: str, choices: tuple = ()):
+    """A config field with its one-line meaning and, for a closed set, its allowed values: the one place
+    `fiseclip-jax methods` reads them from and `overrides.apply_overrides` checks values against."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "choices": tuple(choices)})
 
 
 def replace_path(config, path: str, value):

@@ -12,9 +12,16 @@ import jax.numpy as jnp
 
 from ..errors import FiseclipError
 from ..postprocess import gaussian_blur, minmax_normalise, upsample_bilinear
-from .base import BankRefs, Detection, Method, as_text, register
+from ..prompts import PROMPT_SETS
+from .base import BankRefs, Detection, Method, as_text, option, register
 from .common import (encode_matching, grid_maps, map_stats, masked_range, match_layers, matching_scores, scale_to,
                      text_alignment)
+
+
+LOCAL_MODES = ("qq", "qq+kk", "vv", "identity")
+TEXT_FILTERS = ("threshold", "share")
+FUSION_NORMS = ("minmax", "fixed")
+IMAGE_SCORES = ("sum", "max")
 
 
 def check_choice(value, allowed, field):
@@ -27,24 +34,28 @@ def check_choice(value, allowed, field):
 class FiSeCLIPConfig(Method):
     """FiSeCLIP reconstruction (SPEC §4.3). Provisional defaults are marked (open)."""
 
-    layers: Optional[tuple[int, ...]] = None  # matching tokens; None -> default_match_layers
-    r_list: tuple[int, ...] = (1, 3, 5)
-    alpha: float = 0.3
-    local: str = "qq"  # (open) restored local semantics: "qq" | "qq+kk" | "vv" | "identity"
-    local_blocks: int = 1  # (open) how many final blocks use `local`
-    prompts: str = "winclip"
-    tau: float = 100.0  # CLIP's logit scale for the text branch
-    text_filter: str = "threshold"  # (open) "threshold" (A_txt < theta) | "share" (lowest 1 - rho)
-    theta: float = 0.5  # (open)
-    rho: float = 0.2  # (open)
-    batch_size: int = 16  # images per batch; 0 = the whole category
-    fusion_weight: float = 0.5  # (open) w in A = w norm(A_match) + (1 - w) A_txt
-    fusion_norm: str = "minmax"  # (open) "minmax" over the batch | "fixed": A_match / match_scale
-    match_scale: float = 1.0  # used by fusion_norm="fixed"
-    sigma: float = 4.0
-    align_corners: bool = True
-    image_score: str = "sum"  # (open) "sum": mean of batch-min-max(max map) and (CLS text score); "max"
-    chunk_size: int = 4
+    layers: Optional[tuple[int, ...]] = option(None, "blocks (1-indexed) whose patch tokens are matched; "
+                                               "none: default_match_layers (quarters of the depth)")
+    r_list: tuple[int, ...] = option((1, 3, 5), "LNAMD neighbourhood sizes r; the matching map is the mean over r")
+    alpha: float = option(0.3, "share of the nearest reference images averaged per patch (SPEC §4.2)")
+    local: str = option("qq", "(open) restored local semantics of the last blocks (SPEC §2)", LOCAL_MODES)
+    local_blocks: int = option(1, "(open) how many final blocks use `local`")
+    prompts: str = option("winclip", "prompt set of the text branch (SPEC §3)", tuple(PROMPT_SETS))
+    tau: float = option(100.0, "logit scale of the text branch's softmax (CLIP's 100)")
+    text_filter: str = option("threshold", "(open) how text filters the references: A_txt < theta, or the "
+                              "lowest (1 - rho) share of each image's patches", TEXT_FILTERS)
+    theta: float = option(0.5, "(open) text_filter=threshold: reference patches need A_txt below this")
+    rho: float = option(0.2, "(open) text_filter=share: the share of each image's patches left out")
+    batch_size: int = option(16, "images per matching batch; 0 = the whole category")
+    fusion_weight: float = option(0.5, "(open) w in A = w norm(A_match) + (1 - w) A_txt")
+    fusion_norm: str = option("minmax", "(open) norm(A_match): min-max over the batch, or A_match / match_scale",
+                              FUSION_NORMS)
+    match_scale: float = option(1.0, "fusion_norm=fixed: the scale A_match is divided by")
+    sigma: float = option(4.0, "Gaussian blur of the full-size map, in pixels (0: none)")
+    align_corners: bool = option(True, "bilinear upsampling of the patch grid with align_corners")
+    image_score: str = option("sum", "(open) sum: mean of batch-min-max map max and CLS text score; max: map max",
+                              IMAGE_SCORES)
+    chunk_size: int = option(4, "reference images per matching step (memory only, same result)")
 
     name = "fiseclip"
     run_options = {"batch_size": "batch_size"}
@@ -55,10 +66,10 @@ class FiSeCLIPConfig(Method):
     encoding_fields = ("layers", "local", "local_blocks")
 
     def __post_init__(self):
-        check_choice(self.text_filter, ("threshold", "share"), "text_filter")
-        check_choice(self.fusion_norm, ("minmax", "fixed"), "fusion_norm")
-        check_choice(self.image_score, ("sum", "max"), "image_score")
-        check_choice(self.local, ("qq", "qq+kk", "vv", "identity"), "local")
+        check_choice(self.text_filter, TEXT_FILTERS, "text_filter")
+        check_choice(self.fusion_norm, FUSION_NORMS, "fusion_norm")
+        check_choice(self.image_score, IMAGE_SCORES, "image_score")
+        check_choice(self.local, LOCAL_MODES, "local")
 
     def group(self, n, encode_batch):
         return None if self.batch_size == 0 or self.batch_size >= n else self.batch_size
@@ -77,14 +88,28 @@ class FiSeCLIPConfig(Method):
             allowed = rank < keep
         return allowed & valid[:, None]
 
+    # Scoring in two stages (base.py): text map, reference filter and matching (steps 2-4, the costly part)
+    # depend only on these fields; fusion, maps and image scores (steps 5-7) are cheap.
+    stage_fields = ("prompts", "tau", "text_filter", "theta", "rho", "r_list", "alpha", "chunk_size")
+
     def score(self, feats, text, valid, *, size, mesh=None):
         """SPEC §4.3 steps 2–7."""
+        return self.score_from_stage(feats, self.score_stage(feats, text, valid, mesh=mesh), text, valid, size=size)
+
+    def score_stage(self, feats, text, valid, *, mesh=None):
+        """Steps 2–4: {"a_txt" [B, P], "a_match" [B, P], "num_refs" [B]}."""
         chex.assert_rank([feats["local"], feats["cls"]], [3, 2])
         text = as_text(text).features
         a_txt = text_alignment(feats["local"], text, self.tau)  # step 2
         allowed = self.reference_filter(a_txt, valid)  # step 3
         a_match, num_refs = matching_scores(feats["tokens"], valid, allowed, self.r_list, self.alpha,
                                             self.chunk_size, mesh)  # step 4
+        return {"a_txt": a_txt, "a_match": a_match, "num_refs": num_refs}
+
+    def score_from_stage(self, feats, stage, text, valid, *, size):
+        """Steps 5–7."""
+        text = as_text(text).features
+        a_txt, a_match, num_refs = stage["a_txt"], stage["a_match"], stage["num_refs"]
         if self.fusion_norm == "minmax":  # step 5: matching filters the text
             # images without any reference (score 0) must not set the batch minimum
             a_match = minmax_normalise(a_match, valid=valid & (num_refs > 0))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ..postprocess import gaussian_blur, upsample_bilinear
 from ..rscin import rscin
-from .base import BankRefs, Detection, Method, register
+from .base import BankRefs, Detection, Method, option, register
 from .common import encode_matching, grid_maps, map_stats, match_layers, matching_scores
 
 
@@ -20,14 +20,16 @@ from .common import encode_matching, grid_maps, map_stats, match_layers, matchin
 class MuScConfig(Method):
     """MuSc mutual scoring over a whole category (SPEC §4.2)."""
 
-    layers: Optional[tuple[int, ...]] = None  # 1-indexed; None -> default_match_layers
-    r_list: tuple[int, ...] = (1, 3, 5)
-    alpha: float = 0.3
-    k_list: tuple[int, ...] = (1, 2, 3)  # RsCIN; (1, 8, 9) for VisA
-    sigma: float = 0.0  # the authors' maps are not blurred (SPEC §4.2); > 0 adds a Gaussian as an option
-    align_corners: bool = True  # MuSc's bilinear upsampling
-    act: Optional[str] = None  # activation override: "gelu" reproduces MuSc's published runs (SPEC §8)
-    chunk_size: int = 4  # reference images per matching step (memory knob)
+    layers: Optional[tuple[int, ...]] = option(None, "blocks (1-indexed) whose patch tokens are matched; "
+                                               "none: default_match_layers (quarters of the depth)")
+    r_list: tuple[int, ...] = option((1, 3, 5), "LNAMD neighbourhood sizes r; the map is the mean over r")
+    alpha: float = option(0.3, "share of the nearest other images averaged per patch (SPEC §4.2)")
+    k_list: tuple[int, ...] = option((1, 2, 3), "RsCIN neighbour counts k; (1, 8, 9) for VisA")
+    sigma: float = option(0.0, "Gaussian blur of the map in pixels; 0 as the authors (SPEC §4.2)")
+    align_corners: bool = option(True, "bilinear upsampling of the patch grid with align_corners (MuSc's)")
+    act: Optional[str] = option(None, "activation override; gelu reproduces MuSc's published runs (SPEC §8)",
+                                (None, "quick_gelu", "gelu"))
+    chunk_size: int = option(4, "reference images per matching step (memory only, same result)")
 
     name = "musc"
     prompts = None
@@ -48,16 +50,25 @@ class MuScConfig(Method):
         cfg = self.clip_config(cfg)
         return encode_matching(params, cfg, pixels, match_layers(cfg, self.layers))
 
+    stage_fields = ("r_list", "alpha", "chunk_size")  # the matching (base.py: scoring in two stages)
+
     def score(self, feats, text, valid, *, size, mesh=None):
         """Mutual scores, bilinear map (align_corners=True, no blur by default: SPEC §4.2), max then RsCIN."""
+        return self.score_from_stage(feats, self.score_stage(feats, text, valid, mesh=mesh), text, valid, size=size)
+
+    def score_stage(self, feats, text, valid, *, mesh=None):
+        """The mutual scores: {"patch" [B, P], "num_refs" [B]}."""
         chex.assert_rank(feats["cls"], 2)
         patch, num_refs = matching_scores(feats["tokens"], valid, None, self.r_list, self.alpha,
                                           self.chunk_size, mesh)
-        up = upsample_bilinear(grid_maps(patch), size, self.align_corners)
+        return {"patch": patch, "num_refs": num_refs}
+
+    def score_from_stage(self, feats, stage, text, valid, *, size):
+        up = upsample_bilinear(grid_maps(stage["patch"]), size, self.align_corners)
         raw = jnp.max(up, axis=(1, 2))
         scores = rscin(raw, feats["cls"], self.k_list, valid=valid)  # not a probability: may leave [0, 1]
         maps = gaussian_blur(up, self.sigma)
-        return Detection(scores, maps * valid[:, None, None], num_refs)
+        return Detection(scores, maps * valid[:, None, None], stage["num_refs"])
 
     # -- reference bank (online inspection, fiseclip_jax.bank): maps equal batch scoring of bank ∪ {x};
     # RsCIN re-scores x among the bank's leave-one-out scores and CLS embeddings.

@@ -56,6 +56,7 @@ import optax
 from ..errors import FiseclipError
 from ..prompts import TextFeatures
 from ..tiles import TileLayout
+from .base import option
 
 ADAPTERS = ("text", "linear")
 
@@ -64,19 +65,19 @@ ADAPTERS = ("text", "linear")
 class TTAConfig:
     """AnoCLIP+ test-time adaptation (SPEC §4.5). Hashable: a static jit argument via AnoCLIPConfig."""
 
-    steps: int = 5
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    noise_sigma: float = 0.055  # AnoVL: 0.05 * 1.1
-    hard_weight: float = 0.5
-    adapter: str = "text"  # "text" (MVTec objects and textures) | "linear" (VisA)
-    carry_moments: bool = False  # True: AnoVL's one AdamW per class, moments carried across images
-    seed: int = 0
-    eps: float = 1e-8  # AdamW epsilon (torch's default)
+    steps: int = option(5, "AdamW steps per image")
+    lr: float = option(1e-3, "AdamW learning rate")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay (also on the bias)")
+    noise_sigma: float = option(0.055, "std of the noise of the abnormal copy (AnoVL: 0.05 * 1.1)")
+    hard_weight: float = option(0.5, "weight of the two pseudo-label terms of the loss")
+    adapter: str = option("text", "text (MVTec objects and textures) or linear (VisA)", ADAPTERS)
+    carry_moments: bool = option(False, "AnoVL's one AdamW per class: moments carried from image to image")
+    seed: int = option(0, "key of the adapter's initialisation and noise draws")
+    eps: float = option(1e-8, "AdamW epsilon (torch's default)")
     # Explicit draws, functions of the image's init / step key (module docstring); None: drawn here.
-    init_fn: Optional[Callable] = None  # (key, kind, dim, n_rows) -> {"w", "b"}
-    noise_fn: Optional[Callable] = None  # (key, shape) -> the ε added to the tokens at one step
+    init_fn: Optional[Callable] = option(None, "Python only: (key, kind, dim, n_rows) -> {w, b}")
+    noise_fn: Optional[Callable] = option(None, "Python only: (key, shape) -> the noise added at one step")
 
     def __post_init__(self):
         if self.adapter not in ADAPTERS:
