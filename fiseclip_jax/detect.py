@@ -340,8 +340,10 @@ def iter_detect(params, cfg: CLIPConfig, images: Sequence[Any], class_name: str,
             return
         feats, good, errors, shape, hashes = [], [], {}, None, []
         # As many encode batches as encode_batch asks for, evened out (10 images, encode_batch 8: two of 5,
-        # not 8 and 2 padded to 8), so no forward pass is spent on padding. With a mesh, the global batch.
-        width = encode_batch if mesh is not None else -(-n // -(-n // encode_batch))
+        # not 8 and 2 padded to 8), so no forward pass is spent on padding; with a mesh, a multiple of its size.
+        width = -(-n // -(-n // encode_batch))
+        if mesh is not None:
+            width = -(-width // mesh.size) * mesh.size
         for b, (lo, hi) in enumerate(_batches(n, width)):
             key = f"{b:06d}"
             stored = feature_store.get(key) if feature_store is not None else None

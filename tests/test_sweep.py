@@ -168,7 +168,7 @@ def test_sweep_equals_separate_evaluate_runs(tmp_path, tiny, counted):
                  cache=fc, progress=False, weights="random:tiny")
     assert len(rows) == 4
     # each image encoded once per distinct encoding (local=qq, local=vv), every other point from the cache
-    assert counted["images"] == 2 * 8  # two encodings, the 6 images padded to one batch of 8
+    assert counted["images"] == 2 * 6  # two encodings of the 6 images (one batch: no padding)
     assert (fc.writes, fc.hits) == (2 * 6, 2 * 6)
     table = list(csv.DictReader(open(tmp_path / "sw" / "ablation.csv")))
     assert [r["row"] for r in table] == [r["row"] for r in rows]
