@@ -52,6 +52,7 @@ def test_preset_table_is_the_published_architecture(preset):
     assert (t.width, t.layers, t.heads, t.mlp_dim, t.vocab_size, t.context_length) == (tw, tl, th, 4 * tw, 49408, 77)
 
 
+@pytest.mark.slow  # 5 to 26 s a preset on the 2-core machine
 @pytest.mark.parametrize("preset", sorted(SIZES))
 def test_image_tower_at_two_blocks(preset):
     model, params, cfg = hf_model_and_params(preset, layers=DEPTH)
@@ -73,6 +74,7 @@ def test_image_tower_at_two_blocks(preset):
     assert np.abs(ref_embeds).max() > 0.05  # not a vanishing output
 
 
+@pytest.mark.slow  # 7 to 10 s a preset
 @pytest.mark.parametrize("preset", sorted(SIZES))
 def test_text_tower_at_two_blocks(preset):
     model, params, cfg = hf_model_and_params(preset, layers=DEPTH)
