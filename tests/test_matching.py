@@ -227,6 +227,21 @@ def test_rscin_matches_numpy(k_list):
     np.testing.assert_allclose(np.asarray(out), numpy_rscin(scores, cls, k_list), atol=1e-5)
 
 
+def test_rscin_does_not_depend_on_embedding_norms():
+    """Only directions count (cosine neighbours): rows scaled by 1e-3 .. 1e3 give the unit-norm result
+    (kills a normalisation that clamps the norm at anything but a tiny epsilon)."""
+    rng = np.random.default_rng(21)
+    n = 10
+    cls = (rng.normal(size=(n, 6)) + 1.5).astype(np.float32)
+    unit = cls / np.linalg.norm(cls, axis=-1, keepdims=True)
+    scales = np.logspace(-3, 3, n).astype(np.float32)[:, None]
+    scores = rng.random(n).astype(np.float32)
+    want = numpy_rscin(scores, unit, (1, 2, 3))
+    got = jax.jit(rscin, static_argnames=("k_list",))(scores, unit * scales, k_list=(1, 2, 3))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    assert np.abs(want - numpy_rscin(scores, unit, (1,))).max() > 1e-2  # neighbours matter here
+
+
 def test_rscin_k1_is_minmax_and_equal_scores_guard():
     rscin_jit = jax.jit(rscin, static_argnames=("k_list",))
     rng = np.random.default_rng(5)
