@@ -50,7 +50,8 @@ ORDER=(rscin postprocess matching prompts detect tta methods)
 MODULES=("$@")
 [ ${#MODULES[@]} -eq 0 ] && MODULES=("${ORDER[@]}")
 
-python -m mutmut --version | grep -q "3.8.1" || echo "warning: written for mutmut 3.8.1, found $(python -m mutmut --version)" >&2
+found=$(python -c "import importlib.metadata as m; print(m.version('mutmut'))" 2>/dev/null || echo none)
+[ "$found" = "3.8.1" ] || echo "warning: written for mutmut 3.8.1, found $found" >&2
 
 toml_list() { printf '"%s", ' "$@" | sed 's/, $//'; }
 
