@@ -78,8 +78,10 @@ forkserver_warmup = "import"
 preload_modules_file = "$dir/preload.txt"
 TOML
   start=$(date +%s)
-  sample=()
-  [ -n "${MUTATION_SAMPLE:-}" ] && sample=("fiseclip_jax.*__mutmut_${MUTATION_SAMPLE}")
+  sample=() sample_re=".*"
+  if [ -n "${MUTATION_SAMPLE:-}" ]; then
+    sample=("fiseclip_jax.*__mutmut_${MUTATION_SAMPLE}") sample_re="${MUTATION_SAMPLE//\*/.*}"
+  fi
   (cd "$dir" && timeout "$TIMEOUT" python -m mutmut run --max-children "$JOBS" "${sample[@]}" > run.log 2>&1) || true
   (cd "$dir" && python -m mutmut results --all true > results.txt 2>&1) || true
   (cd "$dir" && for m in $(grep ": survived" results.txt | sed 's/:.*//'); do python -m mutmut show "$m"; done \
@@ -88,7 +90,7 @@ TOML
   s=$(grep -c ": survived" "$dir/results.txt" || true)
   pattern=": (no tests|timeout|suspicious|not checked|skipped|segfault|caught by type check)"
   if [ -n "${MUTATION_SAMPLE:-}" ]; then  # the mutants outside the sample are "not checked": leave them out
-    other=$(grep -E "$pattern" "$dir/results.txt" | sed 's/:.*//' | grep -c "__mutmut_${MUTATION_SAMPLE//\*/.*}\$" || true)
+    other=$(grep -E "$pattern" "$dir/results.txt" | sed 's/:.*//' | grep -c "__mutmut_${sample_re}\$" || true)
   else
     other=$(grep -E -c "$pattern" "$dir/results.txt" || true)
   fi
@@ -96,7 +98,7 @@ TOML
   pct=$(python -c "print(f'{100 * $k / max($k + $s, 1):.1f}')")
   echo "$mod: killed $k, survived $s, other $other (no tests / timeout / unchecked), killed $pct % of checked" \
        "[$(( $(date +%s) - start )) s] -> $dir"
-  grep -E ": (no tests|timeout|suspicious|not checked|segfault)" "$dir/results.txt" \
+  grep -E "$pattern" "$dir/results.txt" | grep "__mutmut_${sample_re}:" \
     | sed 's/^ */  /' | head -20 || true
 done
 echo "total: killed $total_k, survived $total_s," \
