@@ -60,7 +60,7 @@ for mod in "${MODULES[@]}"; do
   [ -n "${SOURCES[$mod]:-}" ] || { echo "unknown module $mod; known: ${ORDER[*]}" >&2; exit 2; }
   dir="$OUT/$mod"
   rm -rf "$dir" && mkdir -p "$dir"
-  cp -r "$ROOT/fiseclip_jax" "$ROOT/tests" "$ROOT/pyproject.toml" "$dir/"
+  cp -r "$ROOT/fiseclip_jax" "$ROOT/tests" "$ROOT/examples" "$ROOT/pyproject.toml" "$dir/"
   # the libraries the workers need, imported once by the fork server (no XLA backend is started)
   printf '%s\n' numpy scipy jax jax.numpy optax flax chex PIL.Image sklearn.metrics regex hypothesis torch transformers \
     > "$dir/preload.txt"
@@ -69,6 +69,7 @@ for mod in "${MODULES[@]}"; do
 
 [tool.mutmut]
 source_paths = ["fiseclip_jax"]
+also_copy = ["examples"]
 only_mutate = [$(toml_list ${SOURCES[$mod]})]
 pytest_add_cli_args_test_selection = [$(toml_list ${TESTS[$mod]})]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore"]
