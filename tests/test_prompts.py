@@ -50,6 +50,13 @@ def test_text_features_is_normalised_mean_of_unnormalised_embeddings(tmp_path):
         want.append(e / np.linalg.norm(e))
     np.testing.assert_allclose(feats, np.stack(want), atol=1e-5, rtol=0)
     assert np.abs(want[0] - want[1]).max() > 1e-2  # the two sides differ: a swap would show
+    # the per-sentence features (AnoCLIP+'s text adapter): each sentence's embedding, unit norm
+    full = text_features_full(params, cfg, "bottle", pset)
+    for side, got in ((normal, full.normal_sentences), (abnormal, full.abnormal_sentences)):
+        ids = torch.tensor(hf_tok(side, padding=True)["input_ids"])
+        with torch.no_grad():
+            e = model.text_projection(model.text_model(input_ids=ids).pooler_output).numpy()
+        np.testing.assert_allclose(np.asarray(got), e / np.linalg.norm(e, axis=-1, keepdims=True), atol=1e-5, rtol=0)
     # cached per (weights, class, prompt set)
     n_cached = len(_CACHE)
     text_features_full(params, cfg, "bottle", pset)
