@@ -34,6 +34,7 @@ def test_detect_examples(tmp_path, capsys):
     assert run["config"]["method"] == "fiseclip" and run["size"] == 32
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 @pytest.mark.parametrize("method", ["musc", "anoclip"])
 def test_detect_mvtec_bottle(mvtec_root, tmp_path, method):
     """Every test image of the real bottle category (83) through the CLI, random weights."""

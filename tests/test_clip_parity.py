@@ -24,7 +24,7 @@ def torch_vision(model, pixels):
 
 
 CASES = [("tiny", 32, (1, 2, 4)), ("tiny", 56, (1, 3)), ("tiny-gelu", 40, (2, 4)),
-         ("ViT-B/16", 224, (3, 6, 12)), ("ViT-B/16", 288, (6, 12))]
+         pytest.param("ViT-B/16", 224, (3, 6, 12), marks=pytest.mark.slow), ("ViT-B/16", 288, (6, 12))]
 
 
 @pytest.mark.parametrize("preset,size,layers", CASES)

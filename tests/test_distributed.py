@@ -33,6 +33,7 @@ def _env(devices: int) -> dict:
     return env
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_sharded_encoder_and_ring_match_single_device_on_4_and_8_devices():
     run = subprocess.run([sys.executable, str(WORKER), "spmd"], env=_env(8), capture_output=True,
                          text=True, timeout=600)  # generous: CI machines may be shared
@@ -60,6 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_two_processes_on_localhost_match_one_process(tmp_path):
     # gloo (JAX's CPU collectives) connects to the address the host name resolves to.
     try:

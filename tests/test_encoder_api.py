@@ -24,6 +24,7 @@ def tiny():
     return init_clip(cfg, jax.random.key(0)), cfg
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_jit_and_nojit_agree(tiny):
     params, cfg = tiny
     x = np.random.RandomState(0).randn(2, 48, 48, 3).astype(np.float32)
@@ -95,6 +96,7 @@ def _random_tree(tree, seed):
     return jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(np.shape(x)).astype(np.float32), tree)
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_functions_are_the_module_applied(tiny):
     params, cfg = tiny
     params = _random_tree(params, 0)
@@ -145,6 +147,7 @@ class ProbeHead(nn.Module):
         return nn.Dense(1, name="head")(emb)[:, 0]
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_clip_inside_a_users_flax_module(tiny):
     clip_params, cfg = tiny
     clip_params = _random_tree(clip_params, 1)

@@ -64,6 +64,7 @@ def run(tiny, root, out, **kw):
 
 
 # ------------------------------------------------------------------ real MVTec bottle
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_bottle_end_to_end_against_sklearn(mvtec_root, tmp_path, tiny):
     results = run(tiny, mvtec_root, tmp_path, categories=["bottle"])
     base = tmp_path / "fiseclip" / "mvtec"

@@ -200,7 +200,8 @@ def scored_slices(config, n, encode_batch):
     return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-@pytest.mark.parametrize("config", [CLI_FISECLIP, AnoCLIPConfig(), CLI_ANOCLIP_PLUS],
+@pytest.mark.parametrize("config", [CLI_FISECLIP, AnoCLIPConfig(),
+                                    pytest.param(CLI_ANOCLIP_PLUS, marks=pytest.mark.slow)],  # 11 s
                          ids=["fiseclip", "anoclip", "anoclip+"])
 def test_detect_category_equals_detect_on_each_unpadded_slice(tiny, examples, config):
     """10 images in batches of 4 (the last one padded from 2 to 4 and masked): every batch's maps,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fiseclip_jax.matching import MutualScores, lnamd, mutual_scores, mutual_scores_jit
+from fiseclip_jax.matching import (MutualScores, _mean_smallest_k, _nearest_sq_dist, lnamd, mutual_scores,
+                                   mutual_scores_jit)
 from fiseclip_jax.rscin import rscin
 
 jax.config.update("jax_default_matmul_precision", "float32")
@@ -199,6 +200,48 @@ def test_lnamd_matches_musc_style_torch_pipeline():
     np.testing.assert_allclose(np.asarray(lnamd(tokens, g, r)), feat.detach().numpy(), atol=2e-6)
 
 
+# ------------------------------------------------------------------ the bank's kernels
+def test_nearest_sq_dist_refined_matches_numpy():
+    """refine > 0 (the reference bank's path): the candidates re-measured as ‖a − b‖² give the exact
+    per-reference minimum over allowed patches; Q ≠ P, a chunk size that does not divide Nr, and
+    a reference with no allowed patch (inf)."""
+    rng = np.random.default_rng(31)
+    nq, p, nr, q, c = 3, 5, 7, 4, 6
+    queries = rng.normal(size=(nq, p, c)).astype(np.float32)
+    refs = rng.normal(size=(nr, q, c)).astype(np.float32)
+    ok = rng.random((nr, q)) < 0.6
+    ok[2] = False
+    ok[0, 0] = True
+    diff = queries[:, :, None, None, :].astype(np.float64) - refs[None, None].astype(np.float64)
+    d2 = np.where(ok[None, None], np.sum(diff ** 2, axis=-1), np.inf).min(axis=-1)  # [Nq, P, Nr]
+    for refine in (0, 2, 8):
+        got = np.asarray(_nearest_sq_dist(jnp.asarray(queries), jnp.asarray(refs), jnp.asarray(ok), 3,
+                                          refine=refine))
+        assert got.shape == (nq, p, nr)
+        assert np.isinf(got[:, :, 2]).all()
+        np.testing.assert_allclose(got[:, :, [0, 1, 3, 4, 5, 6]], d2[:, :, [0, 1, 3, 4, 5, 6]], rtol=1e-5, atol=1e-5)
+
+
+def test_mean_smallest_k_against_a_bank_counts_every_reference():
+    """max_refs = Nr (queries scored against a bank, not among its references): k(n) uses the full
+    count, e.g. n = 10, alpha 0.3 -> k = 3 (with Nr - 1 = 9 it would be 2)."""
+    rng = np.random.default_rng(32)
+    nq, p, nr = 3, 4, 10
+    d2 = rng.random((nq, p, nr)).astype(np.float32) * 4
+    pair_ok = np.ones((nq, nr), bool)
+    pair_ok[1, :6] = False  # 4 usable -> k 1
+    pair_ok[2] = False  # none -> 0
+    out = _mean_smallest_k(jnp.asarray(d2), jnp.asarray(pair_ok), 0.3, max_refs=nr)
+    want = np.zeros((nq, p))
+    for i in range(nq):
+        n = pair_ok[i].sum()
+        if n:
+            k = min(max(1, int(0.3 * n)), n)
+            want[i] = np.sort(np.sqrt(d2[i][:, pair_ok[i]]), axis=-1)[:, :k].mean(-1)
+    np.testing.assert_array_equal(np.asarray(out.num_refs), [10, 4, 0])
+    np.testing.assert_allclose(np.asarray(out.scores), want, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------ rscin
 def numpy_rscin(scores, cls, k_list):
     s = np.asarray(scores, np.float64)
@@ -225,6 +268,21 @@ def test_rscin_matches_numpy(k_list):
     scores = rng.random(n).astype(np.float32) * 3 + 1
     out = jax.jit(rscin, static_argnames=("k_list",))(scores, cls, k_list=k_list)
     np.testing.assert_allclose(np.asarray(out), numpy_rscin(scores, cls, k_list), atol=1e-5)
+
+
+def test_rscin_does_not_depend_on_embedding_norms():
+    """Only directions count (cosine neighbours): rows scaled by 1e-3 .. 1e3 give the unit-norm result
+    (kills a normalisation that clamps the norm at anything but a tiny epsilon)."""
+    rng = np.random.default_rng(21)
+    n = 10
+    cls = (rng.normal(size=(n, 6)) + 1.5).astype(np.float32)
+    unit = cls / np.linalg.norm(cls, axis=-1, keepdims=True)
+    scales = np.logspace(-3, 3, n).astype(np.float32)[:, None]
+    scores = rng.random(n).astype(np.float32)
+    want = numpy_rscin(scores, unit, (1, 2, 3))
+    got = jax.jit(rscin, static_argnames=("k_list",))(scores, unit * scales, k_list=(1, 2, 3))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    assert np.abs(want - numpy_rscin(scores, unit, (1,))).max() > 1e-2  # neighbours matter here
 
 
 def test_rscin_k1_is_minmax_and_equal_scores_guard():

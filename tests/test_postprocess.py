@@ -62,6 +62,15 @@ def test_mean_filter_matches_loop(padding, size):
     np.testing.assert_allclose(out, numpy_mean_filter(maps, size, padding), atol=1e-6)
 
 
+def test_mean_filter_of_integer_maps_is_a_float_mean():
+    """Integer maps (counts, uint8 masks) are averaged in float32, not in their own dtype."""
+    maps = np.random.default_rng(4).integers(0, 255, size=(2, 5, 6)).astype(np.uint8)
+    out = np.asarray(mean_filter(maps))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, numpy_mean_filter(maps, 3, "replicate"), atol=1e-4)
+    assert np.abs(out - np.round(out)).max() > 0.1  # fractional means survive
+
+
 def test_mean_filter_replicate_matches_anovl_torch():
     torch = pytest.importorskip("torch")
     maps = np.random.default_rng(2).random((2, 8, 8)).astype(np.float32)

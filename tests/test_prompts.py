@@ -1,10 +1,9 @@
 """Prompt sets and text features (SPEC §3)."""
 
-import jax
 import numpy as np
 import pytest
 
-from fiseclip_jax import get_config, init_clip, prompts, text_features, tokenize
+from fiseclip_jax import prompts, text_features, tokenize
 from fiseclip_jax.clip.tokenizer import CONTEXT_BUCKETS
 from fiseclip_jax.clip.modeling import encode_text
 from fiseclip_jax.prompts import (ANOCLIP_OBJECT, ANOCLIP_TEXTURE, WINCLIP, PromptSet, _CACHE, clean_class_name,
@@ -31,18 +30,33 @@ def test_prompt_counts_and_texts():
     assert clean_class_name("metal_nut") == "metal nut"
 
 
-def test_text_features_is_normalised_mean_of_unnormalised_embeddings():
-    cfg = get_config("tiny")
-    params = init_clip(cfg, jax.random.key(0))
+def test_text_features_is_normalised_mean_of_unnormalised_embeddings(tmp_path):
+    """Reference: transformers' tokenizer (OpenAI's vocabulary, committed fixture) and PyTorch CLIP text
+    tower on the same random weights; nothing of ours but the weight conversion."""
+    torch = pytest.importorskip("torch")
+    from clip_reference import hf_clip_tokenizer, hf_model_and_params
+
+    model, params, cfg = hf_model_and_params("tiny")
     pset = PromptSet("mine", ("{}", "good {}"), ("bad {}",), ("a photo of a {}.", "the {}."))
     feats = np.asarray(text_features(params, cfg, "bottle", pset))
     normal = ["a photo of a bottle.", "a photo of a good bottle.", "the bottle.", "the good bottle."]
     abnormal = ["a photo of a bad bottle.", "the bad bottle."]
+    hf_tok = hf_clip_tokenizer(tmp_path)
     want = []
     for side in (normal, abnormal):
-        e = np.asarray(encode_text(params, cfg, tokenize(side))).mean(0)
+        ids = torch.tensor(hf_tok(side, padding=True)["input_ids"])
+        with torch.no_grad():
+            e = model.text_projection(model.text_model(input_ids=ids).pooler_output).numpy().mean(0)
         want.append(e / np.linalg.norm(e))
-    np.testing.assert_allclose(feats, np.stack(want), atol=1e-5)
+    np.testing.assert_allclose(feats, np.stack(want), atol=1e-5, rtol=0)
+    assert np.abs(want[0] - want[1]).max() > 1e-2  # the two sides differ: a swap would show
+    # the per-sentence features (AnoCLIP+'s text adapter): each sentence's embedding, unit norm
+    full = text_features_full(params, cfg, "bottle", pset)
+    for side, got in ((normal, full.normal_sentences), (abnormal, full.abnormal_sentences)):
+        ids = torch.tensor(hf_tok(side, padding=True)["input_ids"])
+        with torch.no_grad():
+            e = model.text_projection(model.text_model(input_ids=ids).pooler_output).numpy()
+        np.testing.assert_allclose(np.asarray(got), e / np.linalg.norm(e, axis=-1, keepdims=True), atol=1e-5, rtol=0)
     # cached per (weights, class, prompt set)
     n_cached = len(_CACHE)
     text_features_full(params, cfg, "bottle", pset)

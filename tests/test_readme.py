@@ -4,10 +4,13 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_python_blocks_run_as_written(monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks

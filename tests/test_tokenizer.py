@@ -3,7 +3,6 @@ built from the same vocabulary file (SPEC §1, "Text")."""
 
 import html
 import itertools
-import json
 
 import numpy as np
 import pytest
@@ -11,6 +10,16 @@ import pytest
 from fiseclip_jax.clip import tokenizer as tk
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
+# Ids printed by OpenAI's `clip.tokenize` and by transformers' tokenizer of openai/clip-vit-base-patch32,
+# as published in public notes and scripts (copied by hand, not computed by any code here).
+KNOWN_IDS = {
+    "a photo of a cat": CAT_IDS,
+    "a painting of a cat": [49406, 320, 3086, 539, 320, 2368, 49407],
+    "bozuman": [49406, 647, 4091, 786, 49407],
+    "n kabrie": [49406, 333, 6554, 5322, 49407],
+    "The quick brown fox jumps over the lazy dog.":
+        [49406, 518, 3712, 2866, 3240, 18911, 962, 518, 10753, 1929, 269, 49407],
+}
 
 
 def test_reference_ids_single_string():
@@ -18,6 +27,13 @@ def test_reference_ids_single_string():
     assert ids.dtype == np.int32 and ids.shape == (1, 77)
     np.testing.assert_array_equal(ids[0, :7], CAT_IDS)
     assert not ids[0, 7:].any()  # OpenAI pads with 0
+
+
+def test_known_openai_ids():
+    for text, ids in KNOWN_IDS.items():
+        got = tk.tokenize(text)[0]
+        np.testing.assert_array_equal(got[: len(ids)], ids, err_msg=text)
+        assert not got[len(ids):].any(), text
 
 
 def test_batch_rows_are_independent():
@@ -82,19 +98,16 @@ def _prompts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tok = tk.get_tokenizer()
-    d = tmp_path_factory.mktemp("clip_vocab")
-    (d / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
-    merges = sorted(tok.merge_ranks, key=tok.merge_ranks.get)
-    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
-    (d / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # transformers 5: CLIPTokenizer(vocab_file=..., merges_file=...) silently gives a
-    # 3-token tokenizer; from_pretrained on the folder reads vocab.json/merges.txt.
-    ref = transformers.CLIPTokenizer.from_pretrained(str(d))
+    """transformers' CLIPTokenizer on vocab.json/merges.txt written once from OpenAI's BPE file by
+    tests/fixtures/make_clip_tokenizer_files.py (which imports nothing from fiseclip_jax)."""
+    pytest.importorskip("transformers")
+    from clip_reference import hf_clip_tokenizer
+
+    ref = hf_clip_tokenizer(tmp_path_factory.mktemp("clip_vocab"))
     # Guard against a vacuous reference (e.g. an empty vocabulary).
     assert len(ref) == 49408
-    assert ref("a photo of a cat")["input_ids"] == CAT_IDS
+    for text, ids in KNOWN_IDS.items():
+        assert ref(text)["input_ids"] == ids, text
     return ref
 
 

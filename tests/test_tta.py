@@ -1,20 +1,17 @@
 """AnoCLIP+ test-time adapter (SPEC §4.5): loss, gradient and AdamW against PyTorch; vmap-parallel
 adaptation against a one-image-at-a-time Python loop; carried moments; padding; orbax; detect/CLI."""
 
-import dataclasses
-import functools
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fiseclip_jax import AnoCLIPConfig, detect, get_config, init_clip, text_features_full
 from fiseclip_jax.prompts import TextFeatures
-from fiseclip_jax.methods.tta import (TTAConfig, adapt, adapt_tokens, apply_adapter, init_adapter, load_adapter_state,
+from fiseclip_jax.methods.tta import (TTAConfig, adapt, adapt_tokens, init_adapter, load_adapter_state,
                               make_optimizer, save_adapter_state, tta_loss, tta_step)
 
 P, D, M = 9, 16, 6  # patches, embedding dim, sentences per side
@@ -123,37 +120,58 @@ def test_tta_step_equals_torch_adamw(config):
 
 
 # ------------------------------------------------------------------ sequential oracle
-@functools.partial(jax.jit, static_argnames=("config",))
-def _step(params, state, z, noisy, text_features, T, config):
-    """One optax AdamW step on one image, built from optax's own pieces (not `tta_step`)."""
-    tx = optax.adamw(config.lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
-                     weight_decay=config.weight_decay)
-    updates, state = tx.update(jax.grad(tta_loss)(params, z, noisy, text_features, T, config), state, params)
-    return optax.apply_updates(params, updates), state
+def torch_adapter(w, b, z, T, kind):
+    """SPEC §4.5 adapter in torch: z' = ½z + ½ adapter(z)."""
+    import torch
+
+    h = torch.nn.functional.linear(z / z.norm(dim=-1, keepdim=True), w, b)
+    if kind == "text":
+        h = torch.tanh(h) @ T
+    return 0.5 * z + 0.5 * h
 
 
 def loop_adapt(local, text, config, key, valid=None, carry=False, state=None):
-    """One image at a time in Python: the documented key schedule, a fresh adapter per image,
-    and a fresh optax AdamW state per image (or, with carry, one carried from image to image,
-    starting from `state`)."""
+    """One image at a time in torch, from SPEC §4.5 alone: the documented key schedule (per image i,
+    (k_init, k_noise) = split(fold_in(key, i)); the initial adapter is `init_adapter(k_init)`, step j
+    adds σ·N(0, 1) drawn from the j-th of split(k_noise, steps)), the loss `torch_loss` with torch
+    autograd, and AdamW written out from its formula; moments fresh per image or, with carry, carried
+    from image to image (step count included), starting from `state`. Nothing of ours runs but the
+    initial draw. Returns the adapted tokens and, per real image, the AdamW state {"t", "m", "v"}."""
+    torch = pytest.importorskip("torch")
+
     T = sentences(text) if config.adapter == "text" else None
-    tx = optax.adamw(config.lr, b1=config.betas[0], b2=config.betas[1], eps=config.eps,
-                     weight_decay=config.weight_decay)
+    Tt = None if T is None else _t(T, torch.float32)
+    ft = _t(text.features, torch.float32)
+    b1, b2 = config.betas
     valid = np.ones(len(local), bool) if valid is None else valid
-    step_config = dataclasses.replace(config, carry_moments=False, seed=0)  # one compiled step for both modes
     out, states = [], []
     for i, z in enumerate(local):
         if not valid[i]:
-            out.append(z)
+            out.append(np.asarray(z))
             continue
         k_init, k_noise = jax.random.split(jax.random.fold_in(key, i))
-        params = init_adapter(k_init, config.adapter, D, 2 * M)
+        p0 = init_adapter(k_init, config.adapter, D, 2 * M)
+        params = {n: _t(p0[n], torch.float32) for n in ("w", "b")}
         if state is None or not carry:
-            state = tx.init(params)
+            state = {"t": 0, "m": {n: torch.zeros_like(p) for n, p in params.items()},
+                     "v": {n: torch.zeros_like(p) for n, p in params.items()}}
+        zt = _t(z, torch.float32)
         for k in jax.random.split(k_noise, config.steps):
-            noisy = z + config.noise_sigma * jax.random.normal(k, z.shape)
-            params, state = _step(params, state, z, noisy, text.features, T, step_config)
-        out.append(apply_adapter(params, z, T, config.adapter))
+            noisy = zt + config.noise_sigma * _t(jax.random.normal(k, z.shape), torch.float32)
+            w, b = (params[n].clone().requires_grad_() for n in ("w", "b"))
+            torch_loss(w, b, zt, noisy, ft, Tt, config.adapter, config.hard_weight).backward()
+            t = state["t"] + 1
+            m, v = {}, {}
+            with torch.no_grad():
+                for n, g in (("w", w.grad), ("b", b.grad)):
+                    m[n] = b1 * state["m"][n] + (1 - b1) * g
+                    v[n] = b2 * state["v"][n] + (1 - b2) * g * g
+                    m_hat, v_hat = m[n] / (1 - b1 ** t), v[n] / (1 - b2 ** t)
+                    params[n] = params[n] * (1 - config.lr * config.weight_decay) \
+                        - config.lr * m_hat / (v_hat.sqrt() + config.eps)
+            state = {"t": t, "m": m, "v": v}
+        with torch.no_grad():
+            out.append(torch_adapter(params["w"], params["b"], zt, Tt, config.adapter).numpy())
         states.append(state)
     return np.stack(out), states
 
@@ -167,7 +185,7 @@ def test_vmap_parallel_equals_one_image_at_a_time(kind):
     np.testing.assert_allclose(adapted, ref, rtol=0, atol=1e-5)
     assert np.abs(np.asarray(adapted) - np.asarray(local)).max() > 0.1  # the adapter did something
     np.testing.assert_array_equal(states[0].count, [config.steps] * 4)  # one fresh optimizer each
-    np.testing.assert_allclose(states[0].mu["w"][2], ref_states[2][0].mu["w"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(states[0].mu["w"][2], ref_states[2]["m"]["w"], rtol=0, atol=1e-6)
 
 
 def test_carry_moments_equals_sequential_loop_and_skips_padding():
@@ -180,7 +198,8 @@ def test_carry_moments_equals_sequential_loop_and_skips_padding():
     np.testing.assert_allclose(adapted, ref, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(adapted[1], local[1])  # padding comes back unchanged
     np.testing.assert_array_equal(states[0].count, [5, 5, 10, 15])  # the step count carries, padding skipped
-    np.testing.assert_allclose(states[0].nu["w"][-1], ref_states[-1][0].nu["w"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(states[0].nu["w"][-1], ref_states[-1]["v"]["w"], rtol=0, atol=1e-7)
+    assert ref_states[-1]["t"] == 15
     fresh, _, _ = adapt(local, text, TTAConfig(), key, valid=valid)
     np.testing.assert_allclose(adapted[0], fresh[0], rtol=0, atol=1e-6)  # first image: nothing carried yet
     assert np.abs(np.asarray(adapted[3]) - np.asarray(fresh[3])).max() > 1e-5  # later ones: moments carried

@@ -227,6 +227,7 @@ def test_init_and_noise_functions_of_the_key(tiny):
     np.testing.assert_allclose(det.anomaly_maps, want.anomaly_maps, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # >= 8 s in the full suite on the 2-core CI machine
 def test_category_maps_do_not_depend_on_the_batch_size(tiny):
     """detect_category threads the method's state from batch to batch in file order: the image index (the
     adapter's keys) and, with carry_moments, AdamW's moments. Batches of 1, 3 and 8 give the same maps."""
