@@ -189,29 +189,27 @@ def _image_thresholds(thresholds: dict | None, scores, labels, fpr: float) -> di
 
 
 # ----------------------------------------------------------------- plots
-def _roc_fig(curves: list[tuple[str, np.ndarray, np.ndarray, str]], title: str, mean=None):
-    fig, ax = _figure(title, "false-positive rate", "true-positive rate")
-    ax.plot([0, 1], [0, 1], ls=":", color="#999", lw=0.8)
+def _curves_fig(curves, title: str, xlabel: str, ylabel: str, legend: str, mean=None, diagonal: bool = False):
+    """One category's curve, or every category's (thinner) with their vertical average."""
+    fig, ax = _figure(title, xlabel, ylabel)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], ls=":", color="#999", lw=0.8)
     for label, x, y, color in curves:
         ax.plot(x, y, lw=1.4 if mean is None else 0.9, color=color, label=label, alpha=1 if mean is None else 0.6)
     if mean is not None:
         ax.plot(*mean, color=_MEAN, lw=1.8, label="mean (vertical average)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc=legend)
     return fig
+
+
+def _roc_fig(curves: list[tuple[str, np.ndarray, np.ndarray, str]], title: str, mean=None):
+    return _curves_fig(curves, title, "false-positive rate", "true-positive rate", "lower right", mean, diagonal=True)
 
 
 def _pr_fig(curves, title: str, mean=None):
-    fig, ax = _figure(title, "recall", "precision")
-    for label, x, y, color in curves:
-        ax.plot(x, y, lw=1.4 if mean is None else 0.9, color=color, label=label, alpha=1 if mean is None else 0.6)
-    if mean is not None:
-        ax.plot(*mean, color=_MEAN, lw=1.8, label="mean (vertical average)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.legend(fontsize=7, loc="lower left")
-    return fig
+    return _curves_fig(curves, title, "recall", "precision", "lower left", mean)
 
 
 def _pro_fig(curves, title: str, max_fpr: float, mean=None):
