@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from encoder import best_times  # interleaved best-of timing, shared with the encoder benchmark
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -36,20 +36,6 @@ def plain(a, b, v, scale):
     a, b, v = (x.transpose(0, 2, 1, 3) for x in (a, b, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", a, b) * scale
     return (jax.nn.softmax(logits, axis=-1) @ v).transpose(0, 2, 1, 3)
-
-
-def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
-    for fn in fns.values():
-        fn()
-    wall = {n: float("inf") for n in fns}
-    cpu = dict(wall)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[name] = min(wall[name], time.perf_counter() - w)
-            cpu[name] = min(cpu[name], time.process_time() - c)
-    return wall, cpu
 
 
 def main(argv=None):
