@@ -232,7 +232,7 @@ def _text_digest(text) -> str:
 
 def _score_cached(feats, text, valid, method, size, state, fcache: FeatureCache, key: dict | None):
     """`score_features` on features from the cache; a method that splits its scoring (`stage_fields`) has its
-    first stage read from / kept in the cache's memory under `key` + those fields (None: not kept)."""
+    first stage read from / kept in the cache (memory and disk) under `key` + those fields (None: not kept)."""
     if state is not None or not method.stage_fields or key is None:
         return _score_jit(feats, text, valid, method, size, None, state)
     key = {**key, "stage": {f: getattr(method, f) for f in method.stage_fields}}

@@ -187,6 +187,39 @@ def load_masks(cat: Category, sizes, rule: str = "resize>0.5"):
     return np.stack(masks) if len({m.shape for m in masks}) == 1 else masks
 
 
+class MaskMemo:
+    """Masks loaded by `evaluate_category`, kept for its next call on the same images and sizes (a sweep
+    scores one category once per configuration); at most `max_bytes`, the oldest dropped first."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self._items, self._bytes = max_bytes, {}, 0
+
+    def get(self, key):
+        return self._items.get(key)
+
+    def put(self, key, masks) -> None:
+        size = sum(m.nbytes for m in masks)
+        if size > self.max_bytes:
+            return
+        while self._items and self._bytes + size > self.max_bytes:
+            self._bytes -= sum(m.nbytes for m in self._items.pop(next(iter(self._items))))
+        self._items[key] = masks
+        self._bytes += size
+
+
+def _masks(cat: Category, sizes, rule: str, memo: MaskMemo | None):
+    """`load_masks`, through `memo` when given (keyed by the mask files, the sizes and the rule)."""
+    if memo is None:
+        return load_masks(cat, sizes) if sizes is None else load_masks(cat, sizes, rule)
+    key = (tuple((s.path, s.mask_path) for s in cat.samples), None if sizes is None else tuple(map(tuple, sizes)),
+           None if sizes is None else rule)
+    masks = memo.get(key)
+    if masks is None:
+        masks = _masks(cat, sizes, rule, None)
+        memo.put(key, masks)
+    return masks
+
+
 def original_resolution(maps, shapes) -> list:
     """Each map resized bilinearly (half-pixel centres: align_corners=False, no antialiasing) to its
     image's stored [H, W] (SPEC §5, metric_resolution="original")."""
@@ -300,13 +333,15 @@ def _progress_factory(enabled: bool, label: str):
 def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="exact", mask_rule="resize>0.5",
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
                       image_ap="average_precision", class_names="clean",
-                      skip_errors: bool = False, feature_cache=None) -> tuple[dict, np.ndarray, list, list]:
+                      skip_errors: bool = False, feature_cache=None,
+                      mask_memo: "MaskMemo | None" = None) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
     Image metrics need every label; pixel metrics also need the dataset's masks. skip_errors=True: an
     image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others. A
-    `feature_cache` (`features.FeatureCache`) replaces the forward pass of images it holds."""
+    `feature_cache` (`features.FeatureCache`) replaces the forward pass of images it holds; a `mask_memo`
+    (`MaskMemo`) keeps the masks for the next call on the same images (a sweep)."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \
@@ -323,13 +358,13 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
     labels = cat.labels
     labelled = all(l is not None for l in labels)
     if metric_resolution == "original":
-        masks = load_masks(cat, None) if labelled and cat.has_masks else None
+        masks = _masks(cat, None, mask_rule, mask_memo) if labelled and cat.has_masks else None
         shapes = [m.shape for m in masks] if masks is not None else [image_size(s.path) for s in cat.samples]
         maps = original_resolution(maps, shapes)
         if len({m.shape for m in maps}) == 1:
             maps = np.stack(maps)
     else:
-        masks = load_masks(cat, [m.shape for m in maps], mask_rule) if labelled and cat.has_masks else None
+        masks = _masks(cat, [m.shape for m in maps], mask_rule, mask_memo) if labelled and cat.has_masks else None
     t2 = time.perf_counter()
     metrics = {}
     if labelled:

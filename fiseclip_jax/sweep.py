@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .cache import key_digest
 from .errors import FiseclipError
 from .data import validate_category
-from .evaluate import check_settings, evaluate_category, list_categories, run_config
+from .evaluate import MaskMemo, check_settings, evaluate_category, list_categories, run_config
 from .features import FeatureCache
 from .outputs import atomic_write_text, library_versions
 from .overrides import apply_overrides, format_value
@@ -195,6 +195,7 @@ def sweep(params, cfg, dataset: str, root, method, grid: Mapping[str, Sequence[A
     say(f"{len(points)} configurations ({len(finished)} done before, {len(todo)} to run; {n_enc} distinct "
         f"encoding(s) of {sum(len(c) for c in cats)} images)")
     bar = tqdm(total=len(points), initial=len(finished), desc="sweep", unit="config", disable=not progress)
+    memo = MaskMemo()  # each category's masks loaded once, not once per configuration
     try:
         for p, current in todo:
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in p.values.items()))
@@ -203,7 +204,7 @@ def sweep(params, cfg, dataset: str, root, method, grid: Mapping[str, Sequence[A
             for cat in cats:
                 record, *_ = evaluate_category(params, cfg, cat, p.method, size=size, aupro=aupro,
                                                mask_rule=mask_rule, encode_batch=encode_batch, progress=progress,
-                                               feature_cache=fcache, **settings)
+                                               feature_cache=fcache, mask_memo=memo, **settings)
                 per_cat[cat.name] = {k: record[k] for k in ("n_images", "n_normal", "n_anomalous", "metrics",
                                                             "percent", "timing_s") if k in record}
             mean = mean_metrics([c["metrics"] for c in per_cat.values()])

@@ -19,6 +19,7 @@ from fiseclip_jax.evaluate import evaluate
 from fiseclip_jax.features import FeatureCache
 from fiseclip_jax.sweep import grid_points, parse_grid, sweep
 
+E = importlib.import_module("fiseclip_jax.evaluate")
 D = importlib.import_module("fiseclip_jax.detect")  # the module (the package exports a function of that name)
 SIZE = 32
 
@@ -90,12 +91,80 @@ def test_cache_hit_skips_encode_and_corrupt_entry_is_recomputed(tmp_path, tiny, 
 
     entries[0].write_bytes(b"not an npz")  # corrupt
     shutil.copy(entries[2], entries[1])  # foreign: another image's entry under this key
+    fc = FeatureCache(tmp_path / "cache")  # a new run: nothing in memory, every entry read from disk
     again = detect_category(params, cfg, paths, "widget", method, size=SIZE, encode_batch=4, progress=False,
                             feature_cache=fc)
-    assert fc.misses == 6 + 2 and fc.writes == 6 + 2
+    assert (fc.misses, fc.hits, fc.writes) == (2, 4, 2)
     assert counted["images"] > 0 and counted["calls"] in (3, 4)  # one or two batches held the two bad entries
     np.testing.assert_array_equal(again.anomaly_maps, cold.anomaly_maps)
     np.testing.assert_array_equal(again.image_scores, cold.image_scores)
+
+
+def test_matching_stage_is_kept_on_disk_for_the_next_run(tmp_path, tiny, monkeypatch):
+    """A warm rerun (a new FeatureCache on the same folder) reads FiSeCLIP's matching back instead of
+    matching again; a corrupt stage file is matched again, to the same numbers."""
+    params, cfg = tiny
+    folder, _ = make_folder(tmp_path / "data", n_good=3, n_bad=2)
+    paths = sorted(str(p) for p in folder.rglob("*.png"))
+    stages = []
+    stage_jit = D._stage_jit
+    monkeypatch.setattr(D, "_stage_jit", lambda *a, **k: stages.append(1) or stage_jit(*a, **k))
+    run = lambda m, fc=None: detect_category(params, cfg, paths, "widget", m, size=SIZE, encode_batch=3,  # noqa
+                                             progress=False, feature_cache=fc)
+    run(methods.get("fiseclip", batch_size=3, theta=1.1), FeatureCache(tmp_path / "cache"))
+    files = sorted((tmp_path / "cache" / "stages").glob("*.npz"))
+    assert len(stages) == 2 and len(files) == 2  # two groups (3 + 2 images), one stage file each
+    later = methods.get("fiseclip", batch_size=3, theta=1.1, fusion_weight=0.9, image_score="max")
+    plain = run(later)  # no cache: the fused forward pass
+    fc = FeatureCache(tmp_path / "cache")
+    warm = run(later, fc)
+    assert len(stages) == 2 and fc.stage_hits == 2  # nothing matched: both stages read from disk
+    np.testing.assert_allclose(warm.image_scores, plain.image_scores, atol=1e-6)
+    np.testing.assert_allclose(warm.anomaly_maps, plain.anomaly_maps, atol=1e-5)
+    assert (warm.num_refs > 0).all()
+
+    files[0].write_bytes(b"not an npz")
+    fc = FeatureCache(tmp_path / "cache")
+    again = run(later, fc)
+    assert len(stages) == 3 and fc.stage_hits == 1  # the corrupt one matched again
+    np.testing.assert_array_equal(again.anomaly_maps, warm.anomaly_maps)
+    np.testing.assert_array_equal(again.image_scores, warm.image_scores)
+
+
+def test_feature_cache_memory_is_bounded(tmp_path):
+    """Entries are also kept in memory, at most `memory_bytes`, least recently used dropped first."""
+    fc = FeatureCache(tmp_path, memory_bytes=300)  # two entries of 128 bytes
+    ctx = {"weights": "w"}
+    for i in range(3):
+        fc.put(ctx, f"img{i}", {"tokens": np.full((4, 8), i, np.float32)}, (3, 8, 8))
+    assert fc.get(ctx, "img1") is not None  # img1 used: img2 is now the older of the two kept
+    for f in (tmp_path / "features").glob("*.npz"):
+        f.unlink()
+    assert fc.get(ctx, "img0") is None  # dropped from memory, gone from disk
+    feats, shape = fc.get(ctx, "img2")
+    assert shape == (3, 8, 8) and (feats["tokens"] == 2).all()
+    assert fc.get(ctx, "img1") is not None and (fc.hits, fc.misses) == (3, 1)
+
+
+def test_mask_memo_loads_masks_once_and_is_bounded(tmp_path, monkeypatch):
+    root, masks = make_folder(tmp_path / "data")
+    cat = E.list_categories("folder", root, None, masks)[0]
+    loads = []
+    real = E.load_mask
+    monkeypatch.setattr(E, "load_mask", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    sizes = [(SIZE, SIZE)] * len(cat)
+    expected = E.load_masks(cat, sizes)
+    assert len(loads) == 3 and expected.sum() > 0
+    memo = E.MaskMemo()
+    for _ in range(3):
+        np.testing.assert_array_equal(E._masks(cat, sizes, "resize>0.5", memo), expected)
+    assert len(loads) == 3 + 3  # loaded once for the three calls
+    np.testing.assert_array_equal(E._masks(cat, [(16, 16)] * len(cat), "resize>0.5", memo),
+                                  E.load_masks(cat, [(16, 16)] * len(cat)))  # other sizes: loaded again
+    small = E.MaskMemo(max_bytes=expected.nbytes - 1)  # too big to keep: loaded every time
+    for _ in range(2):
+        E._masks(cat, sizes, "resize>0.5", small)
+    assert len(loads) == 6 + 6 + 6
 
 
 @pytest.mark.slow  # one compilation per configuration: ~30 s on 2 shared cores
