@@ -9,8 +9,8 @@ The grid changes only scoring fields (theta × fusion_weight × image_score), so
 each image once and scores 12 times (theta changes the matching: 3 matchings, 12 fusions); 12
 `evaluate` runs encode and match 12 times. The three arms run in one process, one after the other,
 each after `jax.clear_caches()`, with the persistent XLA cache on in a fresh folder as the CLI has
-it (`--no-xla-cache`: off, every arm compiles everything it runs). So the warm sweep finds both
-the features (`--cache`) and the compiled programs of the cold sweep, as a second
+it (`--no-xla-cache`: off, every arm compiles everything it runs). So the warm sweep finds the
+features and the matchings (`--cache`) and the compiled programs of the cold sweep, as a second
 `fiseclip-jax sweep --cache DIR` would. evaluate writes no overlays (sweep writes none).
 Printed: seconds of each arm and the ratios; the targets of issue 14 are ≥ 4× (sweep vs 12 runs)
 and ≥ 2× (warm-cache sweep vs cold sweep).

@@ -93,7 +93,8 @@ def add_override_args(p: argparse.ArgumentParser, cache_help: str = "") -> None:
                         "the method config recorded in a previous run.json (reruns it exactly)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="feature cache: each image's encoded features are stored in DIR and reused when weights, "
-                        "image, size and the method's encoding fields match (no forward pass)" + cache_help)
+                        "image, size and the method's encoding fields match (no forward pass), and so is the "
+                        "matching of FiSeCLIP and MuSc (no matching when its fields match)" + cache_help)
 
 
 def method_from_args(args, protocol=None) -> methods.Method:
