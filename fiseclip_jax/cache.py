@@ -123,6 +123,38 @@ def save_arrays(kind: str, key: dict, arrays: dict[str, np.ndarray], root: Path 
         return None
 
 
+class MemoryLRU:
+    """An in-memory map holding at most `max_bytes` of arrays (a value's size: the `nbytes` of its
+    leaves), the least recently used dropped first; a value larger than the budget is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: dict = {}
+        self._sizes: dict = {}
+        self.bytes = 0
+
+    def get(self, key):
+        """The value kept for `key` (now the most recently used), or None."""
+        if key not in self._items:
+            return None
+        self._items[key] = value = self._items.pop(key)
+        return value
+
+    def put(self, key, value) -> None:
+        size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(value))
+        if key in self._items:
+            self.bytes -= self._sizes.pop(key)
+            del self._items[key]
+        if size > self.max_bytes:
+            return
+        while self._items and self.bytes + size > self.max_bytes:
+            oldest = next(iter(self._items))
+            del self._items[oldest]
+            self.bytes -= self._sizes.pop(oldest)
+        self._items[key], self._sizes[key] = value, size
+        self.bytes += size
+
+
 def enable_compilation_cache(min_compile_secs: float = 0.2) -> Path:
     """Persist XLA programs that took >= min_compile_secs to compile under <cache_dir>/xla.
 

@@ -51,6 +51,7 @@ from .data import Category, list_folder, list_mvtec, list_visa, load_image, load
 from .data.images import image_size
 from .detect import detect_category
 from .errors import FiseclipError
+from .cache import MemoryLRU
 from .curves import f1_threshold, fpr_threshold, pixel_analysis
 from .html_report import write_report
 from .metrics import IMAGE_AP, image_metrics, pixel_metrics
@@ -187,27 +188,7 @@ def load_masks(cat: Category, sizes, rule: str = "resize>0.5"):
     return np.stack(masks) if len({m.shape for m in masks}) == 1 else masks
 
 
-class MaskMemo:
-    """Masks loaded by `evaluate_category`, kept for its next call on the same images and sizes (a sweep
-    scores one category once per configuration); at most `max_bytes`, the oldest dropped first."""
-
-    def __init__(self, max_bytes: int = 256 << 20):
-        self.max_bytes, self._items, self._bytes = max_bytes, {}, 0
-
-    def get(self, key):
-        return self._items.get(key)
-
-    def put(self, key, masks) -> None:
-        size = sum(m.nbytes for m in masks)
-        if size > self.max_bytes:
-            return
-        while self._items and self._bytes + size > self.max_bytes:
-            self._bytes -= sum(m.nbytes for m in self._items.pop(next(iter(self._items))))
-        self._items[key] = masks
-        self._bytes += size
-
-
-def _masks(cat: Category, sizes, rule: str, memo: MaskMemo | None):
+def _masks(cat: Category, sizes, rule: str, memo: MemoryLRU | None):
     """`load_masks`, through `memo` when given (keyed by the mask files, the sizes and the rule)."""
     if memo is None:
         return load_masks(cat, sizes) if sizes is None else load_masks(cat, sizes, rule)
@@ -334,14 +315,14 @@ def evaluate_category(params, cfg, cat: Category, method, *, size: int, aupro="e
                       encode_batch=8, progress=True, mesh=None, resample="bicubic", metric_resolution="input",
                       image_ap="average_precision", class_names="clean",
                       skip_errors: bool = False, feature_cache=None,
-                      mask_memo: "MaskMemo | None" = None) -> tuple[dict, np.ndarray, list, list]:
+                      mask_memo: MemoryLRU | None = None) -> tuple[dict, np.ndarray, list, list]:
     """Detect and score one category: (record, image_scores [N], anomaly_maps, masks | None), maps and masks
     at the metric resolution ([N, h, w] arrays, or lists when the images' sizes differ).
 
     Image metrics need every label; pixel metrics also need the dataset's masks. skip_errors=True: an
     image that cannot be decoded is left out (record["unreadable"]: {path: why}); N counts the others. A
     `feature_cache` (`features.FeatureCache`) replaces the forward pass of images it holds; a `mask_memo`
-    (`MaskMemo`) keeps the masks for the next call on the same images (a sweep)."""
+    (`cache.MemoryLRU`) keeps the masks for the next call on the same images (a sweep)."""
     t0 = time.perf_counter()
     name = prompt_class_name(cat, class_names)
     text = None if method.prompts is None else \

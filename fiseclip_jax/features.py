@@ -17,8 +17,8 @@ e.g. FiSeCLIP's and MuSc's matching) per group of images, keyed by everything an
 keyed by (for every image of the group, in order), the padded width, the text features and those
 fields: a sweep over the later fields (fusion, σ, image-score rule, RsCIN k) then skips the
 matching too, and a rerun on the same cache (a warm sweep) matches nothing. A stage is small (a
-few numbers per patch); it is kept in memory (`max_stages` at most, oldest dropped) and on disk
-under `folder`/stages/, written and checked like an image entry.
+few numbers per patch); it is kept in memory and on disk under `folder`/stages/, written and
+checked like an image entry.
 """
 
 from __future__ import annotations
@@ -47,15 +47,13 @@ class FeatureCache:
     misses: int = 0
     writes: int = 0
     stage_hits: int = 0
-    max_stages: int = 4096
     memory_bytes: int = 512 << 20
 
     def __post_init__(self):
         self.folder = Path(self.folder)
         self._weights: tuple[Any, str] | None = None
-        self._stages: dict[str, dict] = {}
-        self._recent: dict[str, tuple[dict, tuple]] = {}  # entries read or written lately (LRU, memory_bytes)
-        self._recent_bytes = 0
+        self._stages = cache.MemoryLRU(64 << 20)
+        self._recent = cache.MemoryLRU(self.memory_bytes)  # entries read or written lately
 
     def stage_get(self, key: dict) -> dict | None:
         """A first scoring stage ({name: array}) kept for `key` (in memory, else on disk), or None."""
@@ -64,20 +62,15 @@ class FeatureCache:
         if stage is None:
             stage = cache.load_arrays(STAGE_KIND, {"format": FORMAT, **key}, self.folder)
             if stage is not None:
-                self._remember(digest, stage)
+                self._stages.put(digest, stage)
         self.stage_hits += stage is not None
         return stage
 
     def stage_put(self, key: dict, stage: dict) -> None:
         """Keep a first scoring stage ({name: array}) for `key`, in memory and on disk."""
         stage = {k: np.asarray(v) for k, v in stage.items()}
-        self._remember(cache.key_digest(key), stage)
+        self._stages.put(cache.key_digest(key), stage)
         cache.save_arrays(STAGE_KIND, {"format": FORMAT, **key}, stage, self.folder)
-
-    def _remember(self, digest: str, stage: dict) -> None:
-        if len(self._stages) >= self.max_stages:
-            self._stages.pop(next(iter(self._stages)))
-        self._stages[digest] = stage
 
     def context(self, params, cfg, method, size, resample: str = "bicubic") -> dict:
         """The part of every key that one run shares (weights, CLIP config, encoding options, size)."""
@@ -97,17 +90,17 @@ class FeatureCache:
             return None
         key = {**context, "image": image_hash}
         digest = cache.key_digest(key)
-        if digest in self._recent:
+        kept = self._recent.get(digest)
+        if kept is not None:
             self.hits += 1
-            self._recent[digest] = self._recent.pop(digest)  # most recently used last
-            return self._recent[digest]
+            return kept
         arrays = cache.load_arrays(KIND, key, self.folder)
         if arrays is None or _SHAPE not in arrays:
             self.misses += 1
             return None
         self.hits += 1
         shape = tuple(int(x) for x in arrays.pop(_SHAPE))
-        self._keep(digest, arrays, shape)
+        self._recent.put(digest, (arrays, shape))
         return arrays, shape
 
     def put(self, context: dict, image_hash: str | None, features: dict, shape) -> None:
@@ -118,17 +111,7 @@ class FeatureCache:
         key = {**context, "image": image_hash}
         if cache.save_arrays(KIND, key, {**arrays, _SHAPE: np.asarray(shape, np.int64)}, self.folder) is not None:
             self.writes += 1
-        self._keep(cache.key_digest(key), arrays, tuple(int(x) for x in shape))
-
-    def _keep(self, digest: str, arrays: dict, shape: tuple) -> None:
-        size = sum(a.nbytes for a in arrays.values())
-        if size > self.memory_bytes:
-            return
-        while self._recent and self._recent_bytes + size > self.memory_bytes:  # least recently used first
-            old = self._recent.pop(next(iter(self._recent)))
-            self._recent_bytes -= sum(a.nbytes for a in old[0].values())
-        self._recent[digest] = (arrays, shape)
-        self._recent_bytes += size
+        self._recent.put(cache.key_digest(key), (arrays, tuple(int(x) for x in shape)))
 
 
 def image_hash(item) -> str | None:

@@ -37,10 +37,10 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from .cache import key_digest
+from .cache import MemoryLRU, key_digest
 from .errors import FiseclipError
 from .data import validate_category
-from .evaluate import MaskMemo, check_settings, evaluate_category, list_categories, run_config
+from .evaluate import check_settings, evaluate_category, list_categories, run_config
 from .features import FeatureCache
 from .outputs import atomic_write_text, library_versions
 from .overrides import apply_overrides, format_value
@@ -195,7 +195,7 @@ def sweep(params, cfg, dataset: str, root, method, grid: Mapping[str, Sequence[A
     say(f"{len(points)} configurations ({len(finished)} done before, {len(todo)} to run; {n_enc} distinct "
         f"encoding(s) of {sum(len(c) for c in cats)} images)")
     bar = tqdm(total=len(points), initial=len(finished), desc="sweep", unit="config", disable=not progress)
-    memo = MaskMemo()  # each category's masks loaded once, not once per configuration
+    memo = MemoryLRU(256 << 20)  # each category's masks loaded once, not once per configuration
     try:
         for p, current in todo:
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in p.values.items()))

@@ -13,6 +13,7 @@ from PIL import Image
 
 import fiseclip_jax.sweep as S
 from fiseclip_jax import methods, resolve_weights
+from fiseclip_jax.cache import MemoryLRU
 from fiseclip_jax.cli import main
 from fiseclip_jax.detect import detect_category
 from fiseclip_jax.evaluate import evaluate
@@ -155,13 +156,13 @@ def test_mask_memo_loads_masks_once_and_is_bounded(tmp_path, monkeypatch):
     sizes = [(SIZE, SIZE)] * len(cat)
     expected = E.load_masks(cat, sizes)
     assert len(loads) == 3 and expected.sum() > 0
-    memo = E.MaskMemo()
+    memo = MemoryLRU(256 << 20)
     for _ in range(3):
         np.testing.assert_array_equal(E._masks(cat, sizes, "resize>0.5", memo), expected)
     assert len(loads) == 3 + 3  # loaded once for the three calls
     np.testing.assert_array_equal(E._masks(cat, [(16, 16)] * len(cat), "resize>0.5", memo),
                                   E.load_masks(cat, [(16, 16)] * len(cat)))  # other sizes: loaded again
-    small = E.MaskMemo(max_bytes=expected.nbytes - 1)  # too big to keep: loaded every time
+    small = MemoryLRU(expected.nbytes - 1)  # too big to keep: loaded every time
     for _ in range(2):
         E._masks(cat, sizes, "resize>0.5", small)
     assert len(loads) == 6 + 6 + 6
