@@ -44,7 +44,7 @@ declare -A TESTS=(
   [prompts]="tests/test_prompts.py tests/test_text_cache.py tests/test_methods.py"
   [detect]="tests/test_methods.py tests/test_glue.py tests/test_properties.py"
   [tta]="tests/test_tta.py tests/test_tta_authors.py"
-  [methods]="tests/test_methods.py tests/test_glue.py tests/test_variants.py tests/test_plugins.py tests/test_method_options.py"
+  [methods]="tests/test_methods.py tests/test_glue.py tests/test_variants.py tests/test_plugins.py tests/test_method_options.py tests/test_tiles.py"
 )
 ORDER=(rscin postprocess matching prompts detect tta methods)
 MODULES=("$@")
