@@ -307,6 +307,50 @@ def test_iter_detect_whole_category_store_keeps_each_encode_batch(tiny, examples
     assert_bars_counted(bars, len(images))
 
 
+def test_detect_category_given_text_unreadable_image_feature_cache_and_one_device_mesh(tiny, examples, tmp_path):
+    """detect_category's options reach every image: `text` given (another class's prompts) is the text scored
+    against; with skip_errors an unreadable file is reported and left out; a feature cache and a one-device
+    mesh give the same maps. Reference: `detect` on the four readable images with that text."""
+    from fiseclip_jax.distributed import make_mesh
+    from fiseclip_jax.features import FeatureCache
+
+    _, params, cfg = tiny
+    good = [im for _, im in examples][:4]
+    images = good[:2] + [str(EXAMPLES / "missing.png")] + good[2:]
+    method = AnoCLIPConfig()
+    cable = text_features_full(params, cfg, "cable", method.prompts)
+    want = detect(params, cfg, preprocess(good, SIZE), cable, method)
+    bottle = detect(params, cfg, preprocess(good, SIZE), text_features_full(params, cfg, "bottle", method.prompts),
+                    method)
+    for a, b in ((want.image_scores, bottle.image_scores), (want.anomaly_maps, bottle.anomaly_maps)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() > 10 * TOL  # the text matters (3e-4, 8e-4)
+    run = dict(size=SIZE, encode_batch=4, text=cable, progress=False)
+    res = detect_category(params, cfg, images, "bottle", method, skip_errors=True, **run)
+    assert list(res.errors) == [2] and "missing.png" in res.errors[2]
+    cache = FeatureCache(tmp_path / "cache")
+    cached = [detect_category(params, cfg, good, "bottle", method, feature_cache=cache, **run) for _ in range(2)]
+    assert (cache.misses, cache.hits) == (4, 4)  # the second run reads every image's features back
+    meshed = detect_category(params, cfg, good, "bottle", method, mesh=make_mesh(1), **run)
+    for got, what in ((res, "skip_errors"), (cached[0], "cache, 1st"), (cached[1], "cache, 2nd"), (meshed, "mesh")):
+        assert_close(got.anomaly_maps, want.anomaly_maps, what=f"maps, {what}")
+        assert_close(got.image_scores, want.image_scores, what=f"scores, {what}")
+
+
+def test_whole_category_on_a_one_device_mesh(tiny, examples):
+    """MuSc (the whole category at once) on a one-device mesh: encoded per batch on the mesh, matched on its
+    ring; the single-device result."""
+    from fiseclip_jax.distributed import make_mesh
+
+    _, params, cfg = tiny
+    images = [im for _, im in examples][:6]
+    config = MuScConfig(r_list=(1,))
+    run = dict(size=SIZE, encode_batch=4, progress=False)
+    plain = detect_category(params, cfg, images, "bottle", config, **run)
+    meshed = detect_category(params, cfg, images, "bottle", config, mesh=make_mesh(1), **run)
+    assert_close(meshed.anomaly_maps, plain.anomaly_maps, what="maps")
+    assert_close(meshed.image_scores, plain.image_scores, what="scores")
+
+
 # ------------------------------------------------------------------ FiSeCLIP end to end
 def fiseclip_oracle(feats, text, config, lo, hi):
     """np_fiseclip (SPEC §4.3, float64) on the encoded features of images lo:hi."""
