@@ -267,6 +267,11 @@ def test_iter_detect_resumed_groups_restore_the_carried_state(tiny, examples):
     for a, b in zip(full[1:], resumed):
         np.testing.assert_array_equal(a.indices, b.indices)
         assert_close(b.anomaly_maps, a.anomaly_maps, tol=ANOCLIP_MAP_TOL, what=f"maps of group {a.group}")
+    # a method that carries nothing (AnoCLIP) skips a group without any store
+    plain = list(iter_detect(params, cfg, images, "bottle", AnoCLIPConfig(), size=SIZE, encode_batch=4,
+                             progress=progress, skip_groups={0}))
+    assert [r.group for r in plain] == [1]
+    np.testing.assert_array_equal(plain[0].indices, np.arange(4, 8))
     assert_bars_counted(bars, len(images))
 
 
