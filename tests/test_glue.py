@@ -314,14 +314,16 @@ def test_iter_detect_whole_category_store_keeps_each_encode_batch(tiny, examples
 
 def test_detect_category_given_text_unreadable_image_feature_cache_and_one_device_mesh(tiny, examples, tmp_path):
     """detect_category's options reach every image: `text` given (another class's prompts) is the text scored
-    against; with skip_errors an unreadable file is reported and left out; a feature cache and a one-device
-    mesh give the same maps. Reference: `detect` on the four readable images with that text."""
+    against; with skip_errors an unreadable file is reported and left out (a group of unreadable files only
+    gives empty arrays); a feature cache and a one-device mesh give the same maps. Reference: `detect` on the
+    four readable images with that text."""
     from fiseclip_jax.distributed import make_mesh
     from fiseclip_jax.features import FeatureCache
 
     _, params, cfg = tiny
     good = [im for _, im in examples][:4]
-    images = good[:2] + [str(EXAMPLES / "missing.png")] + good[2:]
+    missing = str(EXAMPLES / "missing.png")
+    images = good[:2] + [missing] + good[2:] + [missing] * 4  # groups of 4: the third one unreadable only
     method = AnoCLIPConfig()
     cable = text_features_full(params, cfg, "cable", method.prompts)
     want = detect(params, cfg, preprocess(good, SIZE), cable, method)
@@ -331,7 +333,9 @@ def test_detect_category_given_text_unreadable_image_feature_cache_and_one_devic
         assert np.abs(np.asarray(a) - np.asarray(b)).max() > 10 * TOL  # the text matters (3e-4, 8e-4)
     run = dict(size=SIZE, encode_batch=4, text=cable, progress=False)
     res = detect_category(params, cfg, images, "bottle", method, skip_errors=True, **run)
-    assert list(res.errors) == [2] and "missing.png" in res.errors[2]
+    assert sorted(res.errors) == [2, 5, 6, 7, 8] and "missing.png" in res.errors[2]
+    last = list(iter_detect(params, cfg, images, "bottle", method, skip_errors=True, **run))[-1]
+    assert (last.group, last.image_scores.shape, last.num_refs.shape, last.indices.shape) == (2, (0,), (0,), (0,))
     cache = FeatureCache(tmp_path / "cache")
     cached = [detect_category(params, cfg, good, "bottle", method, feature_cache=cache, **run) for _ in range(2)]
     assert (cache.misses, cache.hits) == (4, 4)  # the second run reads every image's features back
