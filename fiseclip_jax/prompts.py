@@ -85,8 +85,9 @@ def _anoclip_templates(domains) -> tuple[str, ...]:
     out = []
     for x in domains:
         an = f"{_article(x)} {x}"
-        for adj in ("cropped", "close-up", "bright", "dark", "jpeg corrupted", "blurry"):
-            out += [f"a {adj} {x} of the {{}}", f"a {adj} {x} of a {{}}"]
+        for adj, first, second in (("cropped", "the", "a"), ("close-up", "a", "the"), ("bright", "a", "the"),
+                                   ("dark", "the", "a"), ("jpeg corrupted", "a", "the"), ("blurry", "the", "a")):
+            out += [f"a {adj} {x} of {first} {{}}", f"a {adj} {x} of {second} {{}}"]  # AnoVL's article order
         out += [f"{an} of a {{}}", f"{an} of the {{}}",
                 f"{an} of a small {{}}", f"{an} of the small {{}}",
                 f"{an} of a large {{}}", f"{an} of the large {{}}",

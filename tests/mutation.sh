@@ -16,7 +16,9 @@
 # Environment: MUTATION_JOBS (parallel workers, default 2), MUTATION_TIMEOUT (seconds per module,
 # default 7200; mutants left unchecked are counted as such), MUTATION_DIR, MUTATION_SAMPLE (a glob on
 # the mutant number: "*0" runs the mutants numbered ...0, a systematic 10 % sample spread over every
-# function; default: all).
+# function; default: all), MUTATION_MUTANTS (space-separated mutant names as `mutmut results` prints them,
+# e.g. fiseclip_jax.rscin.x_rscin__mutmut_8: only those of each module are run, the sample is ignored; to
+# re-check earlier survivors against new tests).
 # Prints one line per module: killed / survived / other, and the killed share; the survivors'
 # diffs go to $MUTATION_DIR/<module>/survivors.txt.
 set -euo pipefail
@@ -44,7 +46,7 @@ declare -A TESTS=(
   [prompts]="tests/test_prompts.py tests/test_text_cache.py tests/test_methods.py"
   [detect]="tests/test_methods.py tests/test_glue.py tests/test_properties.py"
   [tta]="tests/test_tta.py tests/test_tta_authors.py"
-  [methods]="tests/test_methods.py tests/test_glue.py tests/test_variants.py tests/test_plugins.py tests/test_method_options.py"
+  [methods]="tests/test_methods.py tests/test_glue.py tests/test_variants.py tests/test_plugins.py tests/test_method_options.py tests/test_tiles.py"
 )
 ORDER=(rscin postprocess matching prompts detect tta methods)
 MODULES=("$@")
@@ -80,7 +82,12 @@ preload_modules_file = "$dir/preload.txt"
 TOML
   start=$(date +%s)
   sample=() sample_re=".*"
-  if [ -n "${MUTATION_SAMPLE:-}" ]; then
+  if [ -n "${MUTATION_MUTANTS:-}" ]; then  # these mutants only (this module's)
+    prefixes=$(for f in ${SOURCES[$mod]}; do f=${f%.py}; f=${f%/__init__}; printf '%s.x\n' "${f//\//.}"; done)
+    sample=($(printf '%s\n' $MUTATION_MUTANTS | grep -F -f <(echo "$prefixes") || true))
+    [ ${#sample[@]} -gt 0 ] || { echo "$mod: none of MUTATION_MUTANTS"; continue; }
+    sample_re="($(printf '%s\n' "${sample[@]}" | sed 's/.*__mutmut_//' | sort -u | paste -sd'|'))"
+  elif [ -n "${MUTATION_SAMPLE:-}" ]; then
     sample=("fiseclip_jax.*__mutmut_${MUTATION_SAMPLE}") sample_re="${MUTATION_SAMPLE//\*/.*}"
   fi
   (cd "$dir" && timeout "$TIMEOUT" python -m mutmut run --max-children "$JOBS" "${sample[@]}" > run.log 2>&1) || true
@@ -90,7 +97,9 @@ TOML
   k=$(grep -c ": killed" "$dir/results.txt" || true)
   s=$(grep -c ": survived" "$dir/results.txt" || true)
   pattern=": (no tests|timeout|suspicious|not checked|skipped|segfault|caught by type check)"
-  if [ -n "${MUTATION_SAMPLE:-}" ]; then  # the mutants outside the sample are "not checked": leave them out
+  if [ -n "${MUTATION_MUTANTS:-}" ]; then  # the mutants not asked for are "not checked": leave them out
+    other=$(grep -E "$pattern" "$dir/results.txt" | sed 's/:.*//; s/^ *//' | grep -cxF -f <(printf '%s\n' "${sample[@]}") || true)
+  elif [ -n "${MUTATION_SAMPLE:-}" ]; then  # the mutants outside the sample are "not checked": leave them out
     other=$(grep -E "$pattern" "$dir/results.txt" | sed 's/:.*//' | grep -c "__mutmut_${sample_re}\$" || true)
   else
     other=$(grep -E -c "$pattern" "$dir/results.txt" || true)

@@ -29,6 +29,7 @@ from fiseclip_jax import (AnoCLIPConfig, CLIPConfig, FiSeCLIPConfig, MuScConfig,
                           VisionConfig, detect, detect_category, encode_features, load_clip, preprocess,
                           save_clip)
 from fiseclip_jax.cli import main  # noqa: E402
+from fiseclip_jax.detect import iter_detect  # noqa: E402
 from fiseclip_jax.methods import default_match_layers  # noqa: E402
 from fiseclip_jax.prompts import text_features_full  # noqa: E402
 
@@ -223,6 +224,140 @@ def test_detect_category_equals_detect_on_each_unpadded_slice(tiny, examples, co
         assert_close(res.image_scores[lo:hi], det.image_scores, tol=1e-4, what=f"scores of [{lo}:{hi}]")
     if isinstance(config, FiSeCLIPConfig):  # matching really ran, so the padding mask matters
         assert (res.num_refs > 0).all()
+
+
+class RecordingBar:
+    """A progress bar as `iter_detect(progress=...)` documents it (tqdm's interface): records what it is told."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.done, self.closed = total, desc, 0, False
+
+    def update(self, k):
+        self.done += k
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def recording_bars():
+    bars = []
+    return bars, lambda total, desc: bars.append(RecordingBar(total, desc)) or bars[-1]
+
+
+def assert_bars_counted(bars, n):
+    """Every run opened one bar of total n, advanced it by n images in all (skipped groups included), closed it."""
+    assert [(b.total, b.desc, b.done, b.closed) for b in bars] == [(n, "bottle", n, True)] * len(bars)
+
+
+def test_iter_detect_resumed_groups_restore_the_carried_state(tiny, examples):
+    """AnoCLIP+ in groups of 4 with a feature store (a resumed run's MutableMapping): every group's carried
+    state is stored under its number; skipping group 0 reads its state back, so group 1 gives what the
+    uninterrupted run gave; the progress bar counts the skipped group's images too."""
+    _, params, cfg = tiny
+    images = [im for _, im in examples][:8]
+    store, (bars, progress) = {}, recording_bars()
+    run = dict(size=SIZE, encode_batch=4, progress=progress, feature_store=store)
+    full = list(iter_detect(params, cfg, images, "bottle", CLI_ANOCLIP_PLUS, **run))
+    assert [r.group for r in full] == [0, 1] and sorted(store) == ["state-000000", "state-000001"]
+    resumed = list(iter_detect(params, cfg, images, "bottle", CLI_ANOCLIP_PLUS, skip_groups={0}, **run))
+    assert [r.group for r in resumed] == [1]
+    for a, b in zip(full[1:], resumed):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        assert_close(b.anomaly_maps, a.anomaly_maps, tol=ANOCLIP_MAP_TOL, what=f"maps of group {a.group}")
+    # a method that carries nothing (AnoCLIP) skips a group without any store
+    plain = list(iter_detect(params, cfg, images, "bottle", AnoCLIPConfig(), size=SIZE, encode_batch=4,
+                             progress=progress, skip_groups={0}))
+    assert [r.group for r in plain] == [1]
+    np.testing.assert_array_equal(plain[0].indices, np.arange(4, 8))
+    assert_bars_counted(bars, len(images))
+
+
+def test_iter_detect_one_group_smaller_than_encode_batch(tiny, examples):
+    """4 images, encode_batch 8: one group of 4 (no padding to 8), equal to `detect` on the 4 images."""
+    _, params, cfg = tiny
+    images = [im for _, im in examples][:4]
+    bars, progress = recording_bars()
+    (res,) = iter_detect(params, cfg, images, "bottle", AnoCLIPConfig(), size=SIZE, encode_batch=8,
+                         progress=progress)
+    text = text_features_full(params, cfg, "bottle", AnoCLIPConfig().prompts)
+    det = detect(params, cfg, preprocess(images, SIZE), text, AnoCLIPConfig())
+    np.testing.assert_array_equal(res.indices, np.arange(4))
+    assert_close(res.anomaly_maps, det.anomaly_maps, what="maps")
+    assert_close(res.image_scores, det.image_scores, what="scores")
+    assert_bars_counted(bars, 4)
+
+
+def test_iter_detect_whole_category_store_keeps_each_encode_batch(tiny, examples):
+    """MuSc (the whole category at once), 10 images in encode batches of 4, 4, 2: the store keeps each batch's
+    features under its own number and does not change the result; a resumed run reads every batch back from
+    it and decodes no image (here: paths that do not exist)."""
+    _, params, cfg = tiny
+    images = [im for _, im in examples]
+    config = MuScConfig(r_list=(1,))
+    run = dict(size=SIZE, encode_batch=4)
+    (plain,) = iter_detect(params, cfg, images, "bottle", config, progress=False, **run)
+    store, (bars, progress) = {}, recording_bars()
+    (stored,) = iter_detect(params, cfg, images, "bottle", config, feature_store=store, progress=progress, **run)
+    assert sorted(store) == ["000000", "000001", "000002"]
+    assert [list(store[k]["indices"]) for k in sorted(store)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    missing = [str(EXAMPLES / f"missing-{i}.png") for i in range(len(images))]
+    (resumed,) = iter_detect(params, cfg, missing, "bottle", config, feature_store=store, progress=progress, **run)
+    for got in (stored, resumed):
+        np.testing.assert_array_equal(got.indices, np.arange(10))
+        assert_close(got.anomaly_maps, plain.anomaly_maps, what="maps")
+        assert_close(got.image_scores, plain.image_scores, what="scores")
+    assert_bars_counted(bars, len(images))
+
+
+def test_detect_category_given_text_unreadable_image_feature_cache_and_one_device_mesh(tiny, examples, tmp_path):
+    """detect_category's options reach every image: `text` given (another class's prompts) is the text scored
+    against; with skip_errors an unreadable file is reported and left out (a group of unreadable files only
+    gives empty arrays); a feature cache and a one-device mesh give the same maps. Reference: `detect` on the
+    four readable images with that text."""
+    from fiseclip_jax.distributed import make_mesh
+    from fiseclip_jax.features import FeatureCache
+
+    _, params, cfg = tiny
+    good = [im for _, im in examples][:4]
+    missing = str(EXAMPLES / "missing.png")
+    images = good[:2] + [missing] + good[2:] + [missing] * 4  # groups of 4: the third one unreadable only
+    method = AnoCLIPConfig()
+    cable = text_features_full(params, cfg, "cable", method.prompts)
+    want = detect(params, cfg, preprocess(good, SIZE), cable, method)
+    bottle = detect(params, cfg, preprocess(good, SIZE), text_features_full(params, cfg, "bottle", method.prompts),
+                    method)
+    for a, b in ((want.image_scores, bottle.image_scores), (want.anomaly_maps, bottle.anomaly_maps)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() > 10 * TOL  # the text matters (3e-4, 8e-4)
+    run = dict(size=SIZE, encode_batch=4, text=cable, progress=False)
+    res = detect_category(params, cfg, images, "bottle", method, skip_errors=True, **run)
+    assert sorted(res.errors) == [2, 5, 6, 7, 8] and "missing.png" in res.errors[2]
+    last = list(iter_detect(params, cfg, images, "bottle", method, skip_errors=True, **run))[-1]
+    assert (last.group, last.image_scores.shape, last.num_refs.shape, last.indices.shape) == (2, (0,), (0,), (0,))
+    cache = FeatureCache(tmp_path / "cache")
+    cached = [detect_category(params, cfg, good, "bottle", method, feature_cache=cache, **run) for _ in range(2)]
+    assert (cache.misses, cache.hits) == (4, 4)  # the second run reads every image's features back
+    meshed = detect_category(params, cfg, good, "bottle", method, mesh=make_mesh(1), **run)
+    for got, what in ((res, "skip_errors"), (cached[0], "cache, 1st"), (cached[1], "cache, 2nd"), (meshed, "mesh")):
+        assert_close(got.anomaly_maps, want.anomaly_maps, what=f"maps, {what}")
+        assert_close(got.image_scores, want.image_scores, what=f"scores, {what}")
+
+
+def test_whole_category_on_a_one_device_mesh(tiny, examples):
+    """MuSc (the whole category at once) on a one-device mesh: encoded per batch on the mesh, matched on its
+    ring; the single-device result."""
+    from fiseclip_jax.distributed import make_mesh
+
+    _, params, cfg = tiny
+    images = [im for _, im in examples][:6]
+    config = MuScConfig(r_list=(1,))
+    run = dict(size=SIZE, encode_batch=4, progress=False)
+    plain = detect_category(params, cfg, images, "bottle", config, **run)
+    meshed = detect_category(params, cfg, images, "bottle", config, mesh=make_mesh(1), **run)
+    assert_close(meshed.anomaly_maps, plain.anomaly_maps, what="maps")
+    assert_close(meshed.image_scores, plain.image_scores, what="scores")
 
 
 # ------------------------------------------------------------------ FiSeCLIP end to end

@@ -105,6 +105,20 @@ def test_anoclip_matches_numpy(views):
     np.testing.assert_allclose(det.image_scores, scores, atol=1e-6)
 
 
+def test_anoclip_padding_rows_are_zero():
+    """A padded batch (valid False on the last two rows): the real rows are the numpy oracle's, the padding rows'
+    maps and scores are exactly 0 (as FiSeCLIP's, test_detect_compiles_once_per_shape_and_pads_exactly)."""
+    f = random_feats(8)
+    valid = np.arange(B) < 3
+    det = AnoCLIPConfig().score(f, text(), jnp.asarray(valid), size=S)
+    scores, maps = np_anoclip(f["local"][:3], f["cls"][:3], text(), S, AnoCLIPConfig())
+    np.testing.assert_allclose(det.anomaly_maps[:3], maps, atol=1e-6)
+    np.testing.assert_allclose(det.image_scores[:3], scores, atol=1e-6)
+    np.testing.assert_array_equal(det.anomaly_maps[3:], 0.0)
+    np.testing.assert_array_equal(det.image_scores[3:], 0.0)
+    np.testing.assert_array_equal(det.num_refs, -1)
+
+
 # ------------------------------------------------------------------ detect on a tiny CLIP
 @pytest.fixture(scope="module")
 def tiny():

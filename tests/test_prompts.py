@@ -30,6 +30,37 @@ def test_prompt_counts_and_texts():
     assert clean_class_name("metal_nut") == "metal nut"
 
 
+# AnoVL's prompt_ensemble.py (hq-deng/AnoVL): per domain phrase, six adjectives each with its two articles in
+# the authors' order, then ten plain patterns; objects: inds_temp + img_temp + mnf_temp, textures (carpet,
+# leather, grid, tile, wood): inds_temp + text_temp + surf_temp (the second surf_temp, "surface picture").
+ANOVL_ADJECTIVES = (("cropped", "the", "a"), ("close-up", "a", "the"), ("bright", "a", "the"),
+                    ("dark", "the", "a"), ("jpeg corrupted", "a", "the"), ("blurry", "the", "a"))
+ANOVL_TAILS = ("of a {}", "of the {}", "of a small {}", "of the small {}", "of a large {}", "of the large {}",
+               "of the {} for visual inspection", "of a {} for visual inspection",
+               "of the {} for anomaly detection", "of a {} for anomaly detection")
+
+
+def anovl_templates(domains):
+    """domains: (phrase, the phrase with its article) -> the 22 templates of each, in AnoVL's order."""
+    out = []
+    for phrase, with_article in domains:
+        out += [f"a {adj} {phrase} of {art} {{}}" for adj, *arts in ANOVL_ADJECTIVES for art in arts]
+        out += [f"{with_article} {tail}" for tail in ANOVL_TAILS]
+    return out
+
+
+def test_anoclip_templates_are_anovls_in_its_order():
+    """Every AnoCLIP template word for word, in the authors' order (the text adapter's row k pairs with
+    their sentence k, methods/tta.py)."""
+    assert list(ANOCLIP_OBJECT.templates) == anovl_templates(
+        [("industrial photo", "an industrial photo"), ("industrial image", "an industrial image"),
+         ("manufacturing image", "a manufacturing image")])
+    assert list(ANOCLIP_TEXTURE.templates) == anovl_templates(
+        [("industrial photo", "an industrial photo"), ("textural photo", "a textural photo"),
+         ("surface picture", "a surface picture")])
+    assert "a dark industrial photo of the {}" in ANOCLIP_OBJECT.templates
+
+
 def test_text_features_is_normalised_mean_of_unnormalised_embeddings(tmp_path):
     """Reference: transformers' tokenizer (OpenAI's vocabulary, committed fixture) and PyTorch CLIP text
     tower on the same random weights; nothing of ours but the weight conversion."""

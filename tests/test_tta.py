@@ -11,8 +11,9 @@ import pytest
 
 from fiseclip_jax import AnoCLIPConfig, detect, get_config, init_clip, text_features_full
 from fiseclip_jax.prompts import TextFeatures
-from fiseclip_jax.methods.tta import (TTAConfig, adapt, adapt_tokens, init_adapter, load_adapter_state,
-                              make_optimizer, save_adapter_state, tta_loss, tta_step)
+from fiseclip_jax.methods.tta import (TTAConfig, adapt, adapt_batch, adapt_tokens, fresh_state, init_adapter,
+                              load_adapter_state, make_optimizer, save_adapter_state, tta_loss, tta_step)
+from fiseclip_jax.tiles import TileLayout
 
 P, D, M = 9, 16, 6  # patches, embedding dim, sentences per side
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "bottle"
@@ -277,6 +278,73 @@ def test_config_is_hashable_and_validated():
     assert a == b and hash(a) == hash(b)  # a list of betas becomes a tuple: still a static jit argument
     with pytest.raises(ValueError, match="adapter"):
         TTAConfig(adapter="mlp")
+
+
+def test_init_adapter_shapes_and_bounds_down_to_one_row():
+    """torch.nn.Linear's default init, U(-1/sqrt(dim), 1/sqrt(dim)): text adapter [n_sentences, dim] (one
+    sentence is enough), linear adapter [dim, dim] (dim 1 too); no sentence is an error."""
+    for kind, dim, n, rows in (("text", 4, 1, 1), ("text", D, 2 * M, 2 * M), ("linear", 1, 0, 1), ("linear", D, 0, D)):
+        a = init_adapter(jax.random.key(rows), kind, dim, n)
+        assert a["w"].shape == (rows, dim) and a["b"].shape == (rows,), (kind, dim, n)
+        for x in (a["w"], a["b"]):
+            assert np.abs(np.asarray(x)).max() <= 1 / np.sqrt(dim)
+    big = np.asarray(init_adapter(jax.random.key(0), "linear", 64)["w"])  # 4096 draws fill the range
+    assert 0.95 / 8 < np.abs(big).max() <= 1 / 8 and abs(big.mean()) < 0.01
+    with pytest.raises(ValueError, match="n_sentences > 0"):
+        init_adapter(jax.random.key(0), "text", 4, 0)
+
+
+def test_text_adapter_needs_sentences_on_both_sides():
+    text = text_feats()
+    for normal, abnormal in ((text.normal_sentences[:0], text.abnormal_sentences),
+                             (text.normal_sentences, text.abnormal_sentences[:0])):
+        with pytest.raises(ValueError, match="text_features_full"):
+            adapt(tokens(2), TextFeatures(text.features, normal, abnormal), TTAConfig(), jax.random.key(0))
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_fresh_state_starts_at_image_0_with_empty_moments(carry):
+    """fresh_state: the next image's index is the integer 0; with carry_moments, AdamW's state for the text
+    adapter's shapes ([2M, D] and [2M]: optax.adamw's own init), zero moments, count 0; adapt_batch counts the
+    real images only."""
+    import optax
+
+    text = text_feats()
+    config = TTAConfig(carry_moments=carry)
+    state = fresh_state(text, config, D)
+    assert state["index"].dtype == jnp.int32 and int(state["index"]) == 0
+    if carry:
+        want = optax.adamw(1e-3).init({"w": jnp.zeros((2 * M, D)), "b": jnp.zeros(2 * M)})
+        assert jax.tree.structure(state["opt"]) == jax.tree.structure(want)
+        for got, ref in zip(jax.tree.leaves(state["opt"]), jax.tree.leaves(want)):
+            assert got.shape == ref.shape
+            np.testing.assert_array_equal(got, 0)
+    else:
+        assert state["opt"] is None
+    _, after = adapt_batch(tokens(3, seed=19), text, config, jnp.asarray([True, True, False]), state)
+    assert after["index"].dtype == jnp.int32 and int(after["index"]) == 2
+
+
+def test_adapt_tokens_leaves_padding_unchanged():
+    """adapt_tokens with valid: the padding image comes back as it was, the real ones as without padding."""
+    text, config = text_feats(), TTAConfig()
+    local = tokens(3, seed=20)
+    got = adapt_tokens(local, text, config, valid=np.array([True, True, False]))
+    np.testing.assert_array_equal(got[2], local[2])
+    np.testing.assert_allclose(got[:2], adapt_tokens(local[:2], text, config), rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(got[:2]) - np.asarray(local[:2])).max() > 0.1
+
+
+def test_tiled_images_draw_one_linear_adapter_of_the_token_dim():
+    """VisA tiles (local [B, 2 tiles, P, D], a layout): without given draws, each image gets one linear adapter
+    W [D, D], b [D] shared by its two tiles."""
+    g = 3
+    local = jnp.asarray(3.0 * np.random.default_rng(21).normal(size=(2, 2, g * g, D)), jnp.float32)
+    adapted, params, _ = adapt(local, text_feats(), TTAConfig(adapter="linear"), jax.random.key(5),
+                               layout=TileLayout(12, 18))
+    assert params["w"].shape == (2, D, D) and params["b"].shape == (2, D)
+    assert adapted.shape == local.shape and np.isfinite(np.asarray(adapted)).all()
+    assert np.abs(np.asarray(adapted) - np.asarray(local)).max() > 0.1
 
 
 # ------------------------------------------------------------------ detect and CLI
