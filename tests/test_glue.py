@@ -30,6 +30,8 @@ from fiseclip_jax import (AnoCLIPConfig, CLIPConfig, FiSeCLIPConfig, MuScConfig,
                           save_clip)
 from fiseclip_jax.cli import main  # noqa: E402
 from fiseclip_jax.detect import iter_detect  # noqa: E402
+from fiseclip_jax.distributed import make_mesh  # noqa: E402
+from fiseclip_jax.features import FeatureCache  # noqa: E402
 from fiseclip_jax.methods import default_match_layers  # noqa: E402
 from fiseclip_jax.prompts import text_features_full  # noqa: E402
 
@@ -317,9 +319,6 @@ def test_detect_category_given_text_unreadable_image_feature_cache_and_one_devic
     against; with skip_errors an unreadable file is reported and left out (a group of unreadable files only
     gives empty arrays); a feature cache and a one-device mesh give the same maps. Reference: `detect` on the
     four readable images with that text."""
-    from fiseclip_jax.distributed import make_mesh
-    from fiseclip_jax.features import FeatureCache
-
     _, params, cfg = tiny
     good = [im for _, im in examples][:4]
     missing = str(EXAMPLES / "missing.png")
@@ -348,8 +347,6 @@ def test_detect_category_given_text_unreadable_image_feature_cache_and_one_devic
 def test_whole_category_on_a_one_device_mesh(tiny, examples):
     """MuSc (the whole category at once) on a one-device mesh: encoded per batch on the mesh, matched on its
     ring; the single-device result."""
-    from fiseclip_jax.distributed import make_mesh
-
     _, params, cfg = tiny
     images = [im for _, im in examples][:6]
     config = MuScConfig(r_list=(1,))
