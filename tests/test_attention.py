@@ -48,8 +48,8 @@ def close(got, want, tol=2e-6):
 PATHS = {
     "one pass": (77, {}),
     "key chunks": (77, dict(key_chunk=20)),  # 4 chunks of 20, last one 17
-    "head blocks": (45, dict(direct_max_tokens=16, block_bytes=2 * 4 * 45 * 45)),  # 2 heads per block
-    "query chunks": (45, dict(direct_max_tokens=16, block_bytes=2100)),  # 4 chunks of 12, 3 rows padded
+    "head by head": (45, dict(direct_max_tokens=16)),  # one head at a time, keys in 3 chunks of 15
+    "query chunks": (45, dict(direct_max_tokens=16, block_bytes=2100)),  # 4 chunks of 12, the last overlapping
     "query and key chunks": (45, dict(direct_max_tokens=16, block_bytes=2100, key_chunk=13)),  # keys 3 x 12 + 9
 }
 
@@ -88,9 +88,9 @@ def test_large_logits_stay_finite(path):
 def test_plain_formula_branch(causal):
     """The non-CPU branch of `attend` (picked by lax.platform_dependent elsewhere)."""
     q, k, v = qkv(2, 33, 3, 8, seed=5)
-    by_head = lambda x: jnp.asarray(x).transpose(0, 2, 1, 3).reshape(6, 33, 8)  # noqa: E731
-    got = attention._attend_plain(by_head(q) * 0.3, by_head(k), by_head(v), causal=causal)
-    got = np.asarray(got).reshape(2, 3, 33, 8).transpose(0, 2, 1, 3)
+    by_head = attention._by_head
+    got = attention._attend_plain(by_head(jnp.asarray(q)) * 0.3, by_head(k), by_head(v), causal=causal)
+    got = attention._from_heads(got, 2)
     close(got, oracle(q, k, v, 0.3, causal))
 
 
@@ -106,7 +106,7 @@ class JitAndEagerTest(chex.TestCase):
             close(fn(q, k, v), oracle(q, k, v, 0.5, causal=True))
 
 
-@pytest.mark.parametrize("path", ["one pass", "head blocks", "query and key chunks"])
+@pytest.mark.parametrize("path", ["one pass", "head by head", "query and key chunks"])
 def test_vmap_over_a_leading_axis(path):
     """vmap of attend over images = attend on the batch; the lax.map blocks batch too."""
     tokens, knobs = PATHS[path]
@@ -116,12 +116,12 @@ def test_vmap_over_a_leading_axis(path):
     close(got, oracle(q, k, v, 0.5))
 
 
-def test_block_sizes():
-    """Heads per block divide the head count; query chunks are near-equal."""
-    assert attention._block_sizes(24, 197, 4 << 20) == (24, 197)
-    assert attention._block_sizes(24, 577, 4 << 20) == (3, 577)  # 3 x 1.33 MB
-    assert attention._block_sizes(24, 1025, 4 << 20) == (1, 513)  # 4.2 MB head -> 2 chunks
-    assert attention._block_sizes(32, 1370, 4 << 20) == (1, 685)
+def test_query_chunk():
+    """All queries while one head's logits fit the budget, else near-equal chunks."""
+    assert attention._query_chunk(1370, 8 << 20) == 1370  # 7.5 MB
+    assert attention._query_chunk(1025, 4 << 20) == 513  # 4.2 MB -> 2 chunks
+    assert attention._query_chunk(2049, 8 << 20) == 683  # 16.8 MB -> 3 chunks
+    assert attention._query_chunk(45, 2100) == 12  # 8100 B -> 4 chunks
 
 
 def test_rejects_mismatched_shapes():

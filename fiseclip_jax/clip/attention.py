@@ -5,19 +5,23 @@ One pure function serves every attention pair of SPEC §2: `attend(q, k, v)`
 calls (qq+kk), plus the causal text tower.
 
 Results equal the plain formula softmax(a bᵀ s) v to float32 rounding on every
-backend. On CPU the arithmetic is arranged for XLA's CPU backend, which hands a
-dot -> max -> exp -> sum -> dot chain to YNNPACK as one fused kernel
-(benchmarks/attention.py measures each choice):
+backend. On CPU the arithmetic is arranged for XLA's CPU backend, which runs
+the dots and the row reductions of softmax as YNNPACK kernels and the exp as
+its own loop (benchmarks/attention.py measures each choice):
 
-- keys are taken in chunks of at most `KEY_CHUNK`: the fused kernel is about
-  2x slower per logit once a softmax row is longer than 256 (T=256 vs 257);
-  the per-chunk maxima and sums are then combined exactly (the usual
-  two-level softmax);
-- for T > `DIRECT_MAX_TOKENS` the heads (and, for one head over budget, the
-  queries) are visited in blocks of about `BLOCK_BYTES` of logits with
-  `lax.map`, so the [B, H, T, T] logits are never live at once. Up to T=512
-  (at most two key chunks) one pass over all heads was faster; from T=577 on,
-  1-4 MB blocks were 1.5-3x faster than one pass.
+- keys are taken in chunks: each chunk gives its row maxima, sums and
+  unnormalised output, combined exactly afterwards (the usual two-level
+  softmax). Up to `DIRECT_MAX_TOKENS` rows are at most `KEY_CHUNK` long (one
+  pass over all heads: about 2x slower per logit at T=257 than at T=256);
+  beyond, at least `BLOCK_KEY_CHUNKS` chunks of at most `BLOCK_KEY_CHUNK`
+  (3 chunks beat 2, 4 and 5 at T=577, 1025 and 1370);
+- for T > `DIRECT_MAX_TOKENS` one head of one image is visited at a time
+  (`lax.fori_loop`), its queries in chunks when its float32 logits exceed
+  `BLOCK_BYTES`, sliced straight out of the [B, T, H, d] projections and
+  written back in place: no [B, H, T, d] copies and the [B, H, T, T] logits
+  never live at once. At T=1025 this ran 1.15x faster than blocks of heads
+  gathered by `lax.map` from [B*H, T, d] copies, and 1.35x faster than the
+  same with 4 MB blocks and 256-key chunks.
 
 Other backends run the plain formula, which their compilers fuse themselves.
 """
@@ -32,7 +36,9 @@ import jax.numpy as jnp
 
 KEY_CHUNK = 256  # longest softmax row handed to one fused kernel on CPU
 DIRECT_MAX_TOKENS = 512  # up to here all heads go through one fused kernel
-BLOCK_BYTES = 4 << 20  # float32 logits per block beyond DIRECT_MAX_TOKENS
+BLOCK_BYTES = 8 << 20  # beyond DIRECT_MAX_TOKENS: float32 logits of one head, at most
+BLOCK_KEY_CHUNKS = 3  # beyond DIRECT_MAX_TOKENS: keys in at least this many equal chunks ...
+BLOCK_KEY_CHUNK = 512  # ... of at most this many keys
 
 
 def _masked(logits, queries, keys, causal):
@@ -76,44 +82,51 @@ def _softmax_pv(a, b, v, queries, *, causal, key_chunk):
     return (out / total).astype(v.dtype)
 
 
-def _block_sizes(groups: int, tokens: int, block_bytes: int) -> tuple[int, int]:
-    """(heads per block, queries per block) for float32 logits blocks of <= ~block_bytes.
-
-    Heads per block divides `groups`, so no head padding is needed. When one
-    head's [T, T] logits alone exceed the budget, its queries are split into
-    equal chunks (the last one padded by fewer rows than there are chunks).
-    """
+def _query_chunk(tokens: int, block_bytes: int) -> int:
+    """Queries per block: all of them, unless one head's float32 [T, T] logits exceed
+    `block_bytes`; then near-equal chunks of them."""
     per_head = 4 * tokens * tokens
-    if per_head > block_bytes:
-        chunks = -(-per_head // block_bytes)
-        return 1, -(-tokens // chunks)
-    fit = min(groups, block_bytes // per_head)
-    heads = max(h for h in range(1, fit + 1) if groups % h == 0)
-    return heads, tokens
+    if per_head <= block_bytes:
+        return tokens
+    return -(-tokens // -(-per_head // block_bytes))
 
 
-def _attend_cpu(a, b, v, *, causal, key_chunk, direct_max_tokens, block_bytes):
-    """[G, T, d] x3 -> [G, T, d], `a` pre-scaled: the CPU arrangement of the module docstring."""
-    groups, tokens, dim = a.shape
-    positions = jnp.arange(tokens)
-    kernel = functools.partial(_softmax_pv, causal=causal, key_chunk=key_chunk)
+def _attend_cpu(a, b, v, *, scale, causal, key_chunk, direct_max_tokens, block_bytes):
+    """[B, T, H, d] x3 -> [B, T, H, d]: the CPU arrangement of the module docstring."""
+    batch, tokens, heads, dim = a.shape
     if tokens <= direct_max_tokens:
-        return kernel(a, b, v, positions)
+        out = _softmax_pv(_by_head(a * scale), _by_head(b), _by_head(v), jnp.arange(tokens), causal=causal,
+                          key_chunk=key_chunk or KEY_CHUNK)
+        return _from_heads(out, batch)
 
-    g, qc = _block_sizes(groups, tokens, block_bytes)
-    n_groups, n_chunks = groups // g, -(-tokens // qc)
-    # Padded query rows attend to real keys and are dropped at the end.
-    a = jnp.pad(a, ((0, 0), (0, n_chunks * qc - tokens), (0, 0)))
-    a = a.reshape(n_groups, g, n_chunks, qc, dim)
-    b, v = b.reshape(n_groups, g, tokens, dim), v.reshape(n_groups, g, tokens, dim)
+    key_chunk = key_chunk or min(BLOCK_KEY_CHUNK, -(-tokens // BLOCK_KEY_CHUNKS))
+    qc = _query_chunk(tokens, block_bytes)
+    n_q = -(-tokens // qc)
 
-    def block(i):
-        gi, ci = i // n_chunks, i % n_chunks
-        return kernel(a[gi, :, ci], b[gi], v[gi], ci * qc + jnp.arange(qc))
+    def body(i, out):
+        bi, hi, ci = i // (heads * n_q), i // n_q % heads, i % n_q
+        start = jnp.minimum(ci * qc, tokens - qc)  # the last chunk overlaps the one before: no padding
 
-    out = jax.lax.map(block, jnp.arange(n_groups * n_chunks))  # [n_groups * n_chunks, g, qc, d]
-    out = out.reshape(n_groups, n_chunks, g, qc, dim).transpose(0, 2, 1, 3, 4)
-    return out.reshape(groups, n_chunks * qc, dim)[:, :tokens]
+        def take(x, at, size):  # [size, d] of image bi, head hi, from token `at`, as [1, size, d]
+            return jax.lax.dynamic_slice(x, (bi, at, hi, 0), (1, size, 1, dim)).reshape(1, size, dim)
+
+        o = _softmax_pv(take(a, start, qc) * scale, take(b, 0, tokens), take(v, 0, tokens),
+                        start + jnp.arange(qc), causal=causal, key_chunk=key_chunk)
+        return jax.lax.dynamic_update_slice(out, o.reshape(1, qc, 1, dim), (bi, start, hi, 0))
+
+    return jax.lax.fori_loop(0, batch * heads * n_q, body, jnp.zeros(a.shape, v.dtype))
+
+
+def _by_head(x):
+    """[B, T, H, d] -> [B*H, T, d]."""
+    batch, tokens, heads, dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch * heads, tokens, dim)
+
+
+def _from_heads(x, batch: int):
+    """[B*H, T, d] -> [B, T, H, d]."""
+    groups, tokens, dim = x.shape
+    return x.reshape(batch, groups // batch, tokens, dim).transpose(0, 2, 1, 3)
 
 
 def _attend_plain(a, b, v, *, causal):
@@ -124,26 +137,24 @@ def _attend_plain(a, b, v, *, causal):
     return jnp.einsum("gqk,gkd->gqd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
 
-def attend(a, b, v, *, scale, causal=False, key_chunk=KEY_CHUNK,
+def attend(a, b, v, *, scale, causal=False, key_chunk=None,
            direct_max_tokens=DIRECT_MAX_TOKENS, block_bytes=BLOCK_BYTES):
     """softmax(a bᵀ · scale [causal-masked]) v per head.
 
     a, b, v: [batch, tokens, heads, head_dim] (heads split, not transposed).
     Returns [batch, tokens, heads, head_dim]. With causal=True, query i sees
     keys 0..i (the text tower, SPEC §1). The keyword tuning knobs change only
-    how the CPU computes it (module docstring), never the result beyond
-    float32 rounding.
+    how the CPU computes it (module docstring; key_chunk=None picks the
+    measured default of each arrangement), never the result beyond float32
+    rounding.
     """
     a, b, v = jnp.asarray(a), jnp.asarray(b), jnp.asarray(v)
     chex.assert_rank([a, b, v], 4)
     chex.assert_equal_shape([a, b, v])
-    batch, tokens, heads, dim = a.shape
 
-    def by_head(x):  # [B, T, H, d] -> [B*H, T, d]
-        return x.transpose(0, 2, 1, 3).reshape(batch * heads, tokens, dim)
+    def plain(a, b, v):
+        return _from_heads(_attend_plain(_by_head(a * scale), _by_head(b), _by_head(v), causal=causal), a.shape[0])
 
-    cpu = functools.partial(_attend_cpu, causal=causal, key_chunk=key_chunk,
+    cpu = functools.partial(_attend_cpu, scale=scale, causal=causal, key_chunk=key_chunk,
                             direct_max_tokens=direct_max_tokens, block_bytes=block_bytes)
-    plain = functools.partial(_attend_plain, causal=causal)
-    out = jax.lax.platform_dependent(by_head(a * scale), by_head(b), by_head(v), cpu=cpu, default=plain)
-    return out.reshape(batch, heads, tokens, dim).transpose(0, 2, 1, 3)
+    return jax.lax.platform_dependent(a, b, v, cpu=cpu, default=plain)
