@@ -5,6 +5,7 @@ Same random weights, same CPU, one process, batch 8 by default:
     python benchmarks/encoder.py                       # ViT-B/16 at 224, 512; ViT-L/14@336 at 336, 518
     python benchmarks/encoder.py --cases ViT-B/16@224 --repeats 3
     python benchmarks/encoder.py --batch 2 --dtype bfloat16
+    python benchmarks/encoder.py --pass-rows 0         # the whole batch in one pass (no CPU passes)
 
 Prints one row per case: JAX images/s, PyTorch images/s, their ratio, and the max
 abs difference of the image embeddings (a parity check on real-sized models). The
@@ -77,16 +78,25 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up; the best is kept")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="JAX computation dtype")
+    ap.add_argument("--pass-rows", type=int, default=None,
+                    help="token rows per pass of the vision transformer on CPU (model.CPU_PASS_ROWS, default "
+                         "the library's); 0 = the whole batch in one pass")
     args = ap.parse_args(argv)
 
     import torch
+
+    from fiseclip_jax.clip import model
+
+    if args.pass_rows is not None:
+        model.CPU_PASS_ROWS = args.pass_rows or 1 << 62
 
     from fiseclip_jax import encode_image
 
     torch.set_num_threads(os.cpu_count())
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({args.dtype}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), batch {args.batch}, best of {args.repeats}")
-    header = f"{'case':<22}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}{'(cpu)':>7}"
+          f"({torch.get_num_threads()} threads), batch {args.batch}, best of {args.repeats}, "
+          f"CPU passes of <= {model.CPU_PASS_ROWS} token rows")
+    header = f"{'case':<22}{'passes':>7}{'jax img/s':>11}{'torch img/s':>13}{'jax/torch':>11}{'(cpu)':>7}"
     print(header + f"{'max|Δ| embeds':>15}")
     for case in args.cases:
         preset, size = parse_case(case)
@@ -106,7 +116,8 @@ def main(argv=None):
         wall, cpu = best_times(fns, args.repeats)
         tj, tt = wall["jax"], wall["torch"]
         diff = np.abs(np.asarray(run_jax()) - run_torch().numpy()).max()
-        row = f"{case:<22}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}{cpu['torch'] / cpu['jax']:>7.2f}"
+        per = model.images_per_pass(args.batch, 1 + (size // cfg.vision.patch_size) ** 2)
+        row = f"{case:<22}{f'{args.batch // per}x{per}':>7}{args.batch / tj:>11.2f}{args.batch / tt:>13.2f}{tt / tj:>11.2f}{cpu['torch'] / cpu['jax']:>7.2f}"
         print(row + f"{diff:>15.2e}", flush=True)
         del params, vision
 

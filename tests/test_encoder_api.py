@@ -12,6 +12,7 @@ from PIL import Image
 
 from fiseclip_jax import encode_image, encode_text, get_config, init_clip
 from fiseclip_jax.clip.config import CLIP_MEAN, CLIP_STD
+from fiseclip_jax.clip import model
 from fiseclip_jax.clip.model import CLIP
 from fiseclip_jax.clip.modeling import embed_image_tokens, param_shapes
 from fiseclip_jax.clip.posemb import bicubic_matrix
@@ -52,6 +53,32 @@ def test_under_callers_vmap_and_jit(tiny):
     out = f(params, x)
     direct = encode_image(params, cfg, x.reshape(6, 32, 32, 3))["image_embeds"]
     np.testing.assert_allclose(out.reshape(6, -1), direct, atol=1e-5)
+
+
+def test_images_per_pass():
+    """CPU: the largest divisor of the batch within CPU_PASS_ROWS token rows; elsewhere the batch."""
+    assert [model.images_per_pass(8, t, "cpu") for t in (197, 577, 1025, 1370)] == [8, 4, 2, 2]
+    assert model.images_per_pass(32, 197, "cpu") == 16
+    assert model.images_per_pass(7, 1025, "cpu") == 1
+    assert model.images_per_pass(1, 5000, "cpu") == 1
+    assert model.images_per_pass(8, 1370, "gpu") == model.images_per_pass(8, 1370, "tpu") == 8
+
+
+def test_passes_give_each_image_the_same_numbers(tiny, monkeypatch):
+    """The vision transformer in passes of 2 images (nn.scan over the batch, shared parameters)
+    returns what one pass over the batch returns, every output and the local path included;
+    init through the passes builds the same parameter tree."""
+    params, cfg = tiny
+    x = np.random.RandomState(3).randn(6, 32, 32, 3).astype(np.float32)  # 17 tokens an image
+    kw = dict(layers=(1, 4), local="vv", local_blocks=2)
+    clip = CLIP(cfg)
+    whole = clip.apply({"params": params}, x, method="encode_image", **kw)
+    monkeypatch.setattr(model, "CPU_PASS_ROWS", 2 * 17)
+    assert "scan" in str(jax.make_jaxpr(lambda p, x: clip.apply({"params": p}, x, method="encode_image"))(params, x))
+    chex.assert_trees_all_close(clip.apply({"params": params}, x, method="encode_image", **kw), whole,
+                                atol=1e-5, rtol=1e-6)
+    initialised = clip.init(jax.random.key(0), x, np.zeros((1, 1), np.int32))["params"]
+    chex.assert_trees_all_equal_shapes_and_dtypes(initialised, params)
 
 
 def test_bicubic_matrix_rows_and_identity():

@@ -26,6 +26,7 @@ from typing import Any
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,6 +34,21 @@ from .config import CLIPConfig, TextConfig, VisionConfig
 from .layers import LOCAL_MODES, Transformer, layer_norm, weight_init
 from .posemb import resize_pos_embed
 from ..errors import FiseclipError
+
+
+CPU_PASS_ROWS = 3200  # on CPU, images go through the vision transformer in passes of at most ~this many tokens
+
+
+def images_per_pass(batch: int, tokens: int, backend: str | None = None) -> int:
+    """Images per pass of the vision transformer: the whole batch, except on CPU, where it is the
+    largest divisor of `batch` whose passes hold at most `CPU_PASS_ROWS` token rows (at least one
+    image). XLA:CPU's matmuls ran ~1.2x faster on 2050 rows than on 8200 (`benchmarks/gemm.py
+    --batch 2` vs `--batch 8`; `benchmarks/encoder.py --pass-rows` times whole encoders); other
+    backends prefer one big batch."""
+    if (backend or jax.default_backend()) != "cpu":
+        return batch
+    fit = max(1, CPU_PASS_ROWS // tokens)
+    return max(d for d in range(1, min(batch, fit) + 1) if batch % d == 0)
 
 
 def _compute(dtype):
@@ -158,9 +174,22 @@ class CLIP(nn.Module):
           path is never altered.
         Returns (all float32) image_embeds [B, D], patch_embeds [B, P, D], block_tokens
         {l: [B, 1+P, W]} and, with `local`, local_embeds [B, P, D] (ln_post + proj of the local path).
+        On CPU the batch goes through in passes of a few images (`images_per_pass`); each image's
+        computation is the same either way.
         """
         _check_image_args(self.cfg, pixels.shape, layers, local, local_blocks)
-        return self.vision(pixels, layers=tuple(layers), local=local, local_blocks=local_blocks)
+        kw = dict(layers=tuple(layers), local=local, local_blocks=local_blocks)
+        batch, side = pixels.shape[:2]
+        per = images_per_pass(batch, 1 + (side // self.cfg.vision.patch_size) ** 2)
+        if per == batch:
+            return self.vision(pixels, **kw)
+
+        def one_pass(module, carry, chunk):  # the same parameters for every pass
+            return carry, module.vision(chunk, **kw)
+
+        passes = nn.scan(one_pass, variable_broadcast="params", split_rngs={"params": False})
+        _, out = passes(self, None, pixels.reshape(batch // per, per, *pixels.shape[1:]))
+        return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), out)
 
     def encode_text(self, token_ids):
         """Token ids [N, T <= context] -> projected text embeddings [N, D] float32 (not normalised)."""
