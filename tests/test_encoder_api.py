@@ -62,6 +62,8 @@ def test_images_per_pass():
     assert model.images_per_pass(7, 1025, "cpu") == 1
     assert model.images_per_pass(1, 5000, "cpu") == 1
     assert model.images_per_pass(8, 1370, "gpu") == model.images_per_pass(8, 1370, "tpu") == 8
+    b, = jax.export.symbolic_shape("b")  # exported programs keep one pass over a symbolic batch
+    assert model.images_per_pass(b, 1025, "cpu") is b
 
 
 def test_passes_give_each_image_the_same_numbers(tiny, monkeypatch):

@@ -44,8 +44,8 @@ def images_per_pass(batch: int, tokens: int, backend: str | None = None) -> int:
     largest divisor of `batch` whose passes hold at most `CPU_PASS_ROWS` token rows (at least one
     image). XLA:CPU's matmuls ran ~1.2x faster on 2050 rows than on 8200 (`benchmarks/gemm.py
     --batch 2` vs `--batch 8`; `benchmarks/encoder.py --pass-rows` times whole encoders); other
-    backends prefer one big batch."""
-    if (backend or jax.default_backend()) != "cpu":
+    backends prefer one big batch, and so does a symbolic batch (jax.export's shape polymorphism)."""
+    if (backend or jax.default_backend()) != "cpu" or not isinstance(batch, int):
         return batch
     fit = max(1, CPU_PASS_ROWS // tokens)
     return max(d for d in range(1, min(batch, fit) + 1) if batch % d == 0)
