@@ -108,7 +108,7 @@ class JitAndEagerTest(chex.TestCase):
 
 @pytest.mark.parametrize("path", ["one pass", "head by head", "query and key chunks"])
 def test_vmap_over_a_leading_axis(path):
-    """vmap of attend over images = attend on the batch; the lax.map blocks batch too."""
+    """vmap of attend over images = attend on the batch; the head-by-head loop batches too."""
     tokens, knobs = PATHS[path]
     q, k, v = qkv(3, tokens, 2, 8, seed=11)
     per_image = functools.partial(attend, scale=0.5, **knobs)
